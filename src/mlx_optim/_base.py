@@ -1,0 +1,471 @@
+"""The base class: every concern shared by the optimizers, written once.
+
+Data flows one way: ``apply_gradients`` checks the gradient tree, evaluates schedules,
+then for each parameter negates the gradient (``maximize``), applies L2 or decoupled
+weight decay, advances the parameter's own step counter and calls the optimizer's pure
+``update_fn``. Each optimizer file only declares its hyperparameters, its validation
+rules, its state (``init_state``) and that one function.
+
+State layout (all arrays, created eagerly, so ``mx.compile`` traces once and
+``mx.save_safetensors`` works)::
+
+    state["step"]                 global step (uint64), what schedules are evaluated at
+    state[<hyperparameter>]       the default group's values, e.g. state["learning_rate"]
+    state["param_groups"]         one dict of values per extra group (when groups are given)
+    state["param_state"]          a tree mirroring the parameters; each leaf is a dict
+                                  {"step": int32, <torch's state names>: arrays}
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import MutableMapping
+from typing import Any, Callable, Iterator, Sequence
+
+import mlx.core as mx
+import mlx.optimizers as mlx_optim
+
+from ._validate import Rule, check, scalar_value
+
+# Values of these types are structural switches (they change the traced computation);
+# every other hyperparameter is held as an array in the state.
+_STATIC_TYPES = (bool, str, type(None))
+# Handled by the base itself, never passed to an optimizer's update function.
+_BASE_KEYS = ("maximize", "weight_decay", "decoupled_weight_decay")
+_RESERVED = ("step", "param_groups", "param_state")
+
+
+def _is_static(value: Any) -> bool:
+    return isinstance(value, _STATIC_TYPES) or (
+        isinstance(value, tuple) and any(isinstance(v, _STATIC_TYPES) for v in value)
+    )
+
+
+def _leaves(tree: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    """(key path, leaf) pairs of a parameter or gradient tree, in a fixed order."""
+    if isinstance(tree, dict):
+        for key, sub in tree.items():
+            yield from _leaves(sub, prefix + (key,))
+    elif isinstance(tree, (list, tuple)):
+        for i, sub in enumerate(tree):
+            yield from _leaves(sub, prefix + (i,))
+    else:
+        yield prefix, tree
+
+
+def _rebuild(tree: Any, values: Iterator[Any]) -> Any:
+    """``tree``'s structure with its leaves replaced, in ``_leaves`` order, by ``values``."""
+    if isinstance(tree, dict):
+        return {k: _rebuild(v, values) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_rebuild(v, values) for v in tree)
+    return next(values)
+
+
+def _lookup(tree: Any, keys: tuple) -> Any:
+    for key in keys:
+        if isinstance(tree, dict):
+            if key not in tree:
+                raise KeyError(key)
+        elif isinstance(tree, (list, tuple)):
+            if not isinstance(key, int) or key >= len(tree):
+                raise KeyError(key)
+        else:
+            raise KeyError(key)
+        tree = tree[key]
+    return tree
+
+
+def _dotted(keys: tuple) -> str:
+    return ".".join(str(k) for k in keys)
+
+
+def _cast(x: mx.array, dtype: mx.Dtype) -> mx.array:
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+def _compute_dtype(dtype: mx.Dtype) -> mx.Dtype:
+    # Low-precision parameters are updated in float32 and rounded once, as torch's
+    # CPU kernels compute bf16/fp16 arithmetic in float32.
+    return dtype if dtype in (mx.float32, mx.float64) else mx.float32
+
+
+def scalar_dtype() -> mx.Dtype:
+    """The dtype hyperparameters are held in: float64 where the device allows it (CPU).
+
+    torch computes scalar coefficients such as ``1 - beta2`` in double precision; in
+    float32 that difference alone moves ``exp_avg_sq`` by 1e-5 relative. Metal has no
+    float64, so on the GPU hyperparameters are float32.
+    """
+    return mx.float64 if mx.default_device() == mx.cpu else mx.float32
+
+
+def _as_array(value: Any, dtype: mx.Dtype) -> mx.array:
+    if isinstance(value, mx.array):
+        return value.reshape(()).astype(dtype)
+    return mx.array(value, dtype=dtype)
+
+
+class ParamGroup(MutableMapping):
+    """A live, torch-like view of one parameter group's hyperparameters.
+
+    ``opt.param_groups[i]["learning_rate"]`` reads the current value;
+    assigning a number (or a schedule) changes it, also inside a compiled step.
+    """
+
+    def __init__(self, optimizer: "Optimizer", index: int):
+        self._opt, self._index = optimizer, index
+
+    def __getitem__(self, name: str) -> Any:
+        return self._opt._get_hyper(self._index, name)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self._opt._set_hyper(self._index, name, value)
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError("hyperparameters cannot be deleted")
+
+    def __iter__(self):
+        return iter(self._opt._group_values[self._index])
+
+    def __len__(self) -> int:
+        return len(self._opt._group_values[self._index])
+
+    def __repr__(self) -> str:
+        return f"ParamGroup({self._index}, {dict(self)})"
+
+
+class Optimizer(mlx_optim.Optimizer):
+    """Base class of the torch-parity optimizers.
+
+    Subclasses set ``rules`` (validation, see ``_validate``), ``update_fn`` (the pure
+    update: ``update_fn(param, grad, state, **hyperparameters) -> (param, state)``) and
+    ``init_state(param, hyperparameters) -> dict``, and call ``super().__init__`` with
+    their hyperparameters in torch's names (``learning_rate`` for ``lr``).
+
+    Args shared by every optimizer:
+        groups: extra parameter groups, torch's ``param_groups`` selected by path. Each is
+            a dict with ``"params"`` (a glob on the dotted parameter path such as
+            ``"*.bias"``, a list of globs, or a predicate ``(path, array) -> bool``) and any
+            hyperparameters to override; parameters no group selects use the defaults.
+        maximize: ascend instead of descend.
+    """
+
+    rules: tuple[Rule, ...] = ()
+    update_fn: Callable[..., tuple[mx.array, dict]]
+    # Hyperparameters whose being zero removes work from the step (weight decay, SGD's
+    # momentum buffer). Whether each is zero is fixed when the optimizer is built, so a
+    # compiled step keeps one structure.
+    structural_zeros: tuple[str, ...] = ("weight_decay",)
+
+    def __init__(self, hyperparameters: dict[str, Any], groups: Sequence[dict] | None = None):
+        super().__init__()
+        self._scalar_dtype = scalar_dtype()
+        self._defaults = dict(hyperparameters)
+        self._group_values: list[dict[str, Any]] = []  # as given: numbers, tuples, callables
+        self._active: list[dict[str, bool]] = []  # per group: structural_zeros that are non-zero
+        self._group_selectors: list[Any] = [None]
+        self._schedules: dict[tuple[int, str, int | None], Callable] = {}
+        self._group_cache: dict[str, int] = {}
+        for name in self._defaults:
+            if name in _RESERVED:
+                raise ValueError(f"{name!r} is reserved and cannot be a hyperparameter")
+        self._add_group(self._defaults)
+        for i, group in enumerate(groups or ()):
+            group = dict(group)
+            if "params" not in group:
+                raise ValueError(f"groups[{i}] needs a 'params' selector (glob, list of globs or predicate)")
+            selector = group.pop("params")
+            unknown = sorted(set(group) - set(self._defaults))
+            if unknown:
+                raise ValueError(
+                    f"groups[{i}] sets unknown hyperparameter(s) {unknown}; "
+                    f"{type(self).__name__} has {sorted(self._defaults)}"
+                )
+            self._group_selectors.append(_selector(selector, i))
+            self._add_group({**self._defaults, **group})
+        self._state["param_state"] = {}
+        if len(self._group_values) > 1:
+            self._state["param_groups"] = [{} for _ in self._group_values[1:]]
+        for index, values in enumerate(self._group_values):
+            for name, value in values.items():
+                if not _is_static(value):
+                    self._store(index, name, value)
+
+    # ----------------------------------------------------------------- hyperparameters
+    def _add_group(self, values: dict[str, Any]) -> None:
+        check(self.rules, values)
+        self._validate_group(values)
+        self._group_values.append(dict(values))
+        self._active.append(
+            {name: _nonzero(name, values[name]) for name in self.structural_zeros if name in values}
+        )
+
+    def _validate_group(self, values: dict[str, Any]) -> None:
+        """Checks that involve several arguments (e.g. SGD's nesterov); override."""
+
+    def _store(self, index: int, name: str, value: Any) -> None:
+        """Write an array hyperparameter (or register its schedule) into the state."""
+        target = self._state if index == 0 else self._state["param_groups"][index - 1]
+        if isinstance(value, (tuple, list)):
+            target[name] = [self._store_one(index, name, i, v) for i, v in enumerate(value)]
+        else:
+            target[name] = self._store_one(index, name, None, value)
+
+    def _store_one(self, index: int, name: str, element: int | None, value: Any) -> mx.array:
+        key = (index, name, element)
+        if callable(value) and not isinstance(value, mx.array):
+            self._schedules[key] = value
+            return _as_array(value(self._state["step"]), self._scalar_dtype)
+        self._schedules.pop(key, None)
+        return _as_array(value, self._scalar_dtype)
+
+    def _get_hyper(self, index: int, name: str) -> Any:
+        value = self._group_values[index][name]
+        if _is_static(value):
+            return value
+        source = self._state if index == 0 else self._state["param_groups"][index - 1]
+        stored = source[name]
+        return tuple(stored) if isinstance(stored, list) else stored
+
+    def _set_hyper(self, index: int, name: str, value: Any) -> None:
+        values = self._group_values[index]
+        if name not in values:
+            raise KeyError(f"{type(self).__name__} has no hyperparameter {name!r}")
+        old = values[name]
+        if _is_static(old) != _is_static(value):
+            raise TypeError(f"{name} must stay a {'flag' if _is_static(old) else 'number or schedule'}")
+        if name in self.structural_zeros and not self._active[index][name] and _nonzero(name, value):
+            raise ValueError(
+                f"{name} was 0 when this optimizer was built, so its step has no {name} "
+                f"term; build it with a non-zero {name} to change it later"
+            )
+        candidate = {**values, name: value}
+        check(self.rules, candidate)
+        self._validate_group(candidate)
+        values[name] = value
+        if not _is_static(value):
+            self._store(index, name, value)
+
+    @property
+    def param_groups(self) -> list[ParamGroup]:
+        """torch-like views of the groups; index 0 holds the defaults."""
+        return [ParamGroup(self, i) for i in range(len(self._group_values))]
+
+    @property
+    def learning_rate(self) -> mx.array:
+        return self._state["learning_rate"]
+
+    @learning_rate.setter
+    def learning_rate(self, value) -> None:  # the default group's, as mlx.optimizers
+        self._set_hyper(0, "learning_rate", value)
+
+    def __getattr__(self, name: str) -> Any:
+        # opt.momentum, opt.betas, opt.amsgrad ...: the default group's values.
+        defaults = self.__dict__.get("_defaults")
+        if defaults is not None and name in defaults:
+            return self._get_hyper(0, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    # ----------------------------------------------------------------------- groups
+    def _group_of(self, path: str, param: mx.array) -> int:
+        if path not in self._group_cache:
+            hits = [i for i, sel in enumerate(self._group_selectors) if sel and sel(path, param)]
+            if len(hits) > 1:
+                raise ValueError(
+                    f"some parameters appear in more than one parameter group: {path!r} "
+                    f"is selected by groups {[h - 1 for h in hits]}"
+                )
+            self._group_cache[path] = hits[0] if hits else 0
+        return self._group_cache[path]
+
+    # ------------------------------------------------------------------------ state
+    def init_state(self, param: mx.array, hyper: dict[str, Any], active: dict[str, bool]) -> dict[str, mx.array]:
+        """The optimizer's per-parameter state (torch's names), besides ``step``.
+
+        ``hyper`` holds the group's current values, ``active`` which
+        ``structural_zeros`` are non-zero for it.
+        """
+        return {}
+
+    def init(self, parameters: dict) -> None:
+        """Create the state of every parameter in ``parameters`` that has none yet.
+
+        Call it before ``mx.compile`` so the compiled step sees the complete state.
+        Existing (e.g. loaded) state is never re-initialised.
+        """
+        created = []
+        for keys, param in _leaves(parameters):
+            if not isinstance(param, mx.array):
+                continue
+            if self._slot(keys) is None:
+                created.append((keys, param))
+        for keys, param in created:
+            index = self._group_of(_dotted(keys), param)
+            slot = {"step": mx.array(0, dtype=mx.int32)}
+            slot.update(self.init_state(param, self._hypers(index), self._active[index]))
+            self._put_slot(keys, slot)
+        if len(self._group_selectors) > 1 and created:
+            used = {self._group_of(_dotted(k), p) for k, p in _leaves(parameters) if isinstance(p, mx.array)}
+            unused = [i - 1 for i in range(1, len(self._group_selectors)) if i not in used]
+            if unused and not self._initialized:
+                raise ValueError(f"groups {unused} select no parameter; check their 'params' selectors")
+        self._initialized = True
+
+    def _slot(self, keys: tuple) -> dict | None:
+        try:
+            slot = _lookup(self._state["param_state"], keys)
+        except (KeyError, TypeError):
+            return None
+        return slot if is_slot(slot) else None
+
+    def _put_slot(self, keys: tuple, slot: dict) -> None:
+        """Insert ``slot`` at ``keys``, growing the mirror tree (lists for int keys)."""
+        node = self._state["param_state"]
+        for key, next_key in zip(keys[:-1], keys[1:]):
+            if isinstance(node, list):
+                node.extend({} for _ in range(key + 1 - len(node)))
+            if isinstance(node, list) or key not in node:
+                if isinstance(node, dict) or not node[key]:  # {} marks an empty place
+                    node[key] = [] if isinstance(next_key, int) else {}
+            node = node[key]
+        if isinstance(node, list):
+            node.extend({} for _ in range(keys[-1] + 1 - len(node)))
+        node[keys[-1]] = slot
+
+    def _hypers(self, index: int) -> dict[str, Any]:
+        """The group's current values: scalar arrays (``scalar_dtype``) and flags.
+
+        Update functions compute scalar coefficients in this precision, as torch does
+        in Python floats, and cast them to the parameter's dtype where they meet it.
+        """
+        return {name: self._get_hyper(index, name) for name in self._group_values[index]}
+
+    # ------------------------------------------------------------------------- step
+    def _check_gradients(self, gradients: Any, parameters: Any) -> list:
+        """Pair each gradient with its parameter; raise before anything changes."""
+        if isinstance(gradients, mx.array) or not isinstance(gradients, (dict, list, tuple)):
+            raise ValueError("gradients must be a tree (dict or list) of arrays, as parameters are")
+        pairs = []
+        for keys, grad in _leaves(gradients):
+            path = _dotted(keys)
+            try:
+                param = _lookup(parameters, keys)
+            except KeyError:
+                raise ValueError(f"gradient for unknown parameter {path!r}") from None
+            if not isinstance(param, mx.array):
+                raise ValueError(f"gradient for {path!r}, which is not a parameter array")
+            self._check_gradient(path, grad, param)
+            pairs.append((keys, grad, param))
+        return pairs
+
+    def _check_gradient(self, path: str, grad: Any, param: mx.array) -> None:
+        if not isinstance(grad, mx.array):
+            raise ValueError(f"gradient for {path!r} must be an mx.array, got {type(grad).__name__}")
+        if grad.shape != param.shape:
+            raise ValueError(
+                f"gradient for {path!r} has shape {tuple(grad.shape)}, "
+                f"the parameter has shape {tuple(param.shape)}"
+            )
+
+    def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
+        """Apply ``gradients`` to ``parameters`` and return the updated parameters.
+
+        ``parameters`` may be a superset of ``gradients`` (e.g. a model); the result has
+        the structure of ``gradients``. A gradient whose path or shape matches no
+        parameter raises ``ValueError`` before any parameter or state changes.
+        """
+        pairs = self._check_gradients(gradients, parameters)
+        missing = [(k, p) for k, _, p in pairs if self._slot(k) is None]
+        if missing:
+            self.init(_rebuild_missing(missing))
+        step = self._state["step"]
+        for (index, name, element), schedule in self._schedules.items():
+            target = self._state if index == 0 else self._state["param_groups"][index - 1]
+            value = _as_array(schedule(step), self._scalar_dtype)
+            if element is None:
+                target[name] = value
+            else:
+                target[name][element] = value
+        self._state["step"] = step + 1
+        updated = []
+        for keys, grad, param in pairs:
+            index = self._group_of(_dotted(keys), param)
+            updated.append(self._apply_one(grad, param, self._slot(keys), index))
+        return _rebuild(gradients, iter(updated))
+
+    def _apply_one(self, grad: Any, param: mx.array, slot: dict, index: int) -> mx.array:
+        hyper = self._hypers(index)
+        cdt = _compute_dtype(param.dtype)
+        p = _cast(param, cdt)
+        g = self._prepare_gradient(grad, cdt)
+        if hyper.get("maximize", False):
+            g = -g
+        if self._active[index].get("weight_decay", False):
+            wd = hyper["weight_decay"]
+            if hyper.get("decoupled_weight_decay", False):
+                p = p * (1 - hyper["learning_rate"] * wd).astype(cdt)
+            else:
+                g = g + wd.astype(cdt) * p
+        # bf16/fp16 state is updated in float32 too; float32/float64 state as it is.
+        state = {k: _cast(v, _compute_dtype(v.dtype)) if mx.issubdtype(v.dtype, mx.floating) else v
+                 for k, v in slot.items()}
+        state["step"] = slot["step"] + 1
+        kwargs = {k: v for k, v in hyper.items() if k not in _BASE_KEYS}
+        new_p, new_state = self.update_fn(p, g, state, **kwargs)
+        for key, value in new_state.items():
+            slot[key] = _cast(value, slot[key].dtype)
+        return _cast(new_p, param.dtype)
+
+    def _prepare_gradient(self, grad: Any, dtype: mx.Dtype) -> mx.array:
+        return _cast(grad, dtype)
+
+    # mlx.optimizers.Optimizer hooks that this design replaces
+    def init_single(self, parameter, state):  # pragma: no cover - not used
+        raise NotImplementedError("mlx_optim optimizers initialise state in init()")
+
+    def apply_single(self, gradient, parameter, state):  # pragma: no cover - not used
+        raise NotImplementedError("mlx_optim optimizers update in apply_gradients()")
+
+
+def is_slot(node: Any) -> bool:
+    """Whether a node of ``state["param_state"]`` is one parameter's state dict.
+
+    Mirror nodes hold dicts and lists only; a slot holds its ``step`` array.
+    """
+    return isinstance(node, dict) and isinstance(node.get("step"), mx.array)
+
+
+def map_slots(fn: Callable[[dict], Any], tree: Any) -> Any:
+    """``fn`` of every parameter's state, in the parameters' tree structure."""
+    if is_slot(tree):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: map_slots(fn, v) for k, v in tree.items() if v}
+    if isinstance(tree, list):
+        return [map_slots(fn, v) if v else {} for v in tree]
+    return tree
+
+
+def _nonzero(name: str, value: Any) -> bool:
+    return callable(value) or scalar_value(name, value) != 0.0
+
+
+def _selector(spec: Any, i: int) -> Callable[[str, mx.array], bool]:
+    if callable(spec):
+        return spec
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"groups[{i}]['params'] must be a glob, a list of globs or a predicate")
+    return lambda path, _param: any(fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
+def _rebuild_missing(pairs: list) -> dict:
+    """A small tree holding just ``pairs`` (key path, parameter), for ``init``."""
+    root: dict = {}
+    for keys, param in pairs:
+        node = root
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = param
+    return root

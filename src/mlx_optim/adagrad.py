@@ -1,0 +1,62 @@
+"""Adagrad with torch's lr_decay, initial accumulator and eps."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from . import _validate as v
+from ._base import Optimizer
+from ._math import cast
+
+
+def adagrad_update(param, grad, state, *, learning_rate, lr_decay, eps, initial_accumulator_value):
+    """One Adagrad step on ``sum``."""
+    step = state["step"].astype(learning_rate.dtype)
+    clr = learning_rate / (1 + (step - 1) * lr_decay)
+    total = state["sum"] + mx.square(grad)
+    new_param = param - cast(clr, param) * grad / (mx.sqrt(total) + cast(eps, grad))
+    return new_param, {**state, "sum": total}
+
+
+class Adagrad(Optimizer):
+    r"""Adagrad, as ``torch.optim.Adagrad``.
+
+    .. math::
+
+        \tilde\gamma_t &= \gamma / (1 + (t-1)\eta), \qquad
+        s_t = s_{t-1} + g_t^2, \quad s_0 = \tau \\
+        \theta_t &= \theta_{t-1} - \tilde\gamma_t\, g_t / (\sqrt{s_t} + \epsilon)
+
+    Args:
+        learning_rate: :math:`\gamma`. Default: ``1e-2``.
+        lr_decay: :math:`\eta`. Default: ``0``.
+        weight_decay: L2 penalty. Default: ``0``.
+        initial_accumulator_value: :math:`\tau`. Default: ``0``.
+        eps: :math:`\epsilon`. Default: ``1e-10``.
+        maximize: ascend the objective. Default: ``False``.
+        groups: per-group hyperparameters, see :class:`mlx_optim.Optimizer`.
+
+    Example:
+        >>> opt = mlx_optim.Adagrad(learning_rate=0.1, lr_decay=1e-4)
+
+    Differences: ``mlx.optimizers.Adagrad`` uses ``eps=1e-8`` and has no ``lr_decay``,
+    ``initial_accumulator_value`` or ``weight_decay``.
+
+    Reference: Duchi et al., "Adaptive Subgradient Methods for Online Learning and
+    Stochastic Optimization", JMLR 2011.
+    """
+
+    rules = (v.LEARNING_RATE, v.EPS, v.WEIGHT_DECAY,
+             v.at_least("lr_decay", 0.0, "Invalid lr_decay value: {value}"),
+             v.at_least("initial_accumulator_value", 0.0,
+                        "Invalid initial_accumulator_value value: {value}"))
+    update_fn = staticmethod(adagrad_update)
+
+    def __init__(self, learning_rate=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
+                 eps=1e-10, *, maximize=False, groups=None):
+        super().__init__(dict(learning_rate=learning_rate, lr_decay=lr_decay, weight_decay=weight_decay,
+                              initial_accumulator_value=initial_accumulator_value, eps=eps,
+                              maximize=maximize), groups)
+
+    def init_state(self, param, hyper, active):
+        return {"sum": mx.full(param.shape, cast(hyper["initial_accumulator_value"], param))}

@@ -1,0 +1,76 @@
+"""ASGD: averaged stochastic gradient descent, with its averaged parameters."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from . import _validate as v
+from ._base import Optimizer, map_slots
+from ._math import cast
+
+
+def asgd_update(param, grad, state, *, learning_rate, lambd, alpha, t0):
+    """One ASGD step on ``ax`` (the average) and the scalars ``eta`` and ``mu``."""
+    eta, mu = state["eta"], state["mu"]
+    new_param = param * cast(1 - lambd * eta, param) - cast(eta, param) * grad
+    ax = state["ax"] + (new_param - state["ax"]) * cast(mu, param)
+    step = state["step"].astype(learning_rate.dtype)
+    new_eta = learning_rate / (1 + lambd * learning_rate * step) ** alpha
+    new_mu = 1 / mx.maximum(step - t0, 1)
+    return new_param, {**state, "ax": ax, "eta": new_eta.astype(eta.dtype), "mu": new_mu.astype(mu.dtype)}
+
+
+class ASGD(Optimizer):
+    r"""Averaged SGD, as ``torch.optim.ASGD``.
+
+    .. math::
+
+        \theta_t &= \theta_{t-1}(1 - \lambda\eta_{t-1}) - \eta_{t-1} g_t \\
+        \bar\theta_t &= \bar\theta_{t-1} + \mu_{t-1}(\theta_t - \bar\theta_{t-1}) \\
+        \eta_t &= \gamma / (1 + \lambda\gamma t)^\alpha, \qquad \mu_t = 1 / \max(1, t - t_0)
+
+    The averaged parameters :math:`\bar\theta` (torch's ``ax``) are what ASGD is for; read
+    them back into a model with :meth:`averaged_parameters`::
+
+        model.update(opt.averaged_parameters())
+
+    Args:
+        learning_rate: :math:`\gamma`. Default: ``1e-2``.
+        lambd: decay term :math:`\lambda`. Default: ``1e-4``.
+        alpha: power for the :math:`\eta` update. Default: ``0.75``.
+        t0: step at which averaging starts. Default: ``1e6``.
+        weight_decay: L2 penalty. Default: ``0``.
+        maximize: ascend the objective. Default: ``False``.
+        groups: per-group hyperparameters, see :class:`mlx_optim.Optimizer`.
+
+    Example:
+        >>> opt = mlx_optim.ASGD(learning_rate=0.01, t0=100)
+        >>> # ... train ...
+        >>> model.update(opt.averaged_parameters())
+
+    Differences: ``mlx.optimizers`` has no ASGD.
+
+    Reference: Polyak and Juditsky, "Acceleration of Stochastic Approximation by
+    Averaging", SIAM J. Control Optim. 1992.
+    """
+
+    rules = (v.LEARNING_RATE, v.WEIGHT_DECAY,
+             v.at_least("lambd", 0.0, "Invalid lambd value: {value}"),
+             v.at_least("alpha", 0.0, "Invalid alpha value: {value}"))
+    update_fn = staticmethod(asgd_update)
+
+    def __init__(self, learning_rate=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0, *,
+                 maximize=False, groups=None):
+        super().__init__(dict(learning_rate=learning_rate, lambd=lambd, alpha=alpha, t0=t0,
+                              weight_decay=weight_decay, maximize=maximize), groups)
+
+    def init_state(self, param, hyper, active):
+        lr = hyper["learning_rate"]
+        return {"eta": lr, "mu": mx.ones_like(lr), "ax": mx.zeros_like(param)}
+
+    def averaged_parameters(self) -> dict:
+        """The averaged parameters, in the parameters' tree structure.
+
+        A parameter that has not been stepped yet has no average; it is left out.
+        """
+        return map_slots(lambda slot: slot["ax"], self.state["param_state"])
