@@ -89,6 +89,15 @@ def _choice(name: str, value: Any, options: Sequence[str], message: str | None =
     return value
 
 
+def _power(base: float, exponent: mx.array) -> mx.array:
+    """``base ** exponent``; for a positive base as ``exp(exponent * log(base))`` with the log
+    taken in float64, since in float32 ``base`` itself rounds (0.9999 by 3e-8), an error
+    that ``base ** k`` multiplies by ``k``."""
+    if base > 0:
+        return mx.exp(exponent * math.log(base))
+    return base ** exponent
+
+
 def _annealing_cos(start: float, end: float, pct: mx.array) -> mx.array:
     # torch's operation order, so float64 results are torch's to the last bit or two.
     return end + (start - end) / 2.0 * (mx.cos(math.pi * pct) + 1)
@@ -234,7 +243,7 @@ class StepLR(Schedule):
 
     def _at(self, k, dtype):
         decays = (k // self.step_size).astype(dtype)   # integer division: exact at any step
-        return self.learning_rate * self.gamma ** decays
+        return self.learning_rate * _power(self.gamma, decays)
 
 
 class MultiStepLR(Schedule):
@@ -260,7 +269,7 @@ class MultiStepLR(Schedule):
         if not self.milestones:
             return _full(self.learning_rate, k, dtype)
         passed = mx.sum(k[..., None] >= mx.array(self.milestones, dtype=mx.int64), axis=-1)
-        return self.learning_rate * self.gamma ** passed.astype(dtype)
+        return self.learning_rate * _power(self.gamma, passed.astype(dtype))
 
 
 class ConstantLR(Schedule):
@@ -354,7 +363,7 @@ class ExponentialLR(Schedule):
         self.gamma = _number("gamma", gamma)
 
     def _at(self, k, dtype):
-        return self.learning_rate * self.gamma ** k.astype(dtype)
+        return self.learning_rate * _power(self.gamma, k.astype(dtype))
 
 
 class PolynomialLR(Schedule):
@@ -526,7 +535,7 @@ class CyclicLR(Schedule):
             return 1.0
         if self.mode == "triangular2":
             return 1 / 2.0 ** (x - 1)
-        return self.gamma ** x
+        return _power(self.gamma, x)
 
     def _height_and_scale(self, k: mx.array, dtype: mx.Dtype) -> tuple[mx.array, Any]:
         kf = k.astype(dtype)

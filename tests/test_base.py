@@ -1,0 +1,185 @@
+"""What the base class promises every optimizer: groups, dtypes, absent parameters, trees."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers
+import numpy as np
+import pytest
+import torch
+from mlx.utils import tree_flatten
+
+import mlx_optim
+from cases import CASES, Config
+from harness import Problem, assert_close, flatten_slots
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Linear(4, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def __call__(self, x):
+        return self.head(nn.relu(self.norm(self.backbone(x))))
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((16, 4)).astype(np.float32), rng.integers(0, 3, 16)
+
+
+def test_adamw_two_groups_equal_torch():
+    """No decay on biases and norms; a smaller learning rate on the backbone."""
+    mx.random.seed(0)
+    model = Net()
+    x, y = _data()
+    groups = [
+        {"params": ["*.bias", "norm.*"], "weight_decay": 0.0},
+        {"params": "backbone.weight", "learning_rate": 1e-3},
+    ]
+    opt = mlx_optim.AdamW(learning_rate=1e-2, weight_decay=0.1, groups=groups)
+    loss_and_grad = nn.value_and_grad(model, lambda m: nn.losses.cross_entropy(m(mx.array(x)), mx.array(y), reduction="mean"))
+
+    tmodel = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    names = {"0": "backbone", "1": "norm", "3": "head"}
+    with torch.no_grad():
+        for tname, tparam in tmodel.named_parameters():
+            layer, kind = tname.split(".")
+            tparam.copy_(torch.tensor(np.array(dict(tree_flatten(model.parameters()))[f"{names[layer]}.{kind}"])))
+    tparams = dict(tmodel.named_parameters())
+    no_decay = [tparams[n] for n in ("0.bias", "1.weight", "1.bias", "3.bias")]
+    topt = torch.optim.AdamW([
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [tparams["0.weight"]], "lr": 1e-3},
+        {"params": [tparams["3.weight"]]},
+    ], lr=1e-2, weight_decay=0.1)
+    for _ in range(15):
+        _, grads = loss_and_grad(model)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+        topt.zero_grad()
+        torch.nn.functional.cross_entropy(tmodel(torch.tensor(x)), torch.tensor(y)).backward()
+        topt.step()
+    ours = dict(tree_flatten(model.parameters()))
+    for tname, tparam in tmodel.named_parameters():
+        layer, kind = tname.split(".")
+        assert_close(ours[f"{names[layer]}.{kind}"], tparam.detach().numpy(), 1e-5, tname)
+    assert opt.param_groups[1]["weight_decay"].item() == 0.0
+    assert opt.param_groups[2]["learning_rate"].item() == pytest.approx(1e-3)
+
+
+def test_group_predicate_and_per_group_schedule():
+    opt = mlx_optim.SGD(learning_rate=0.1, groups=[
+        {"params": lambda path, p: p.ndim == 1, "learning_rate": lambda step: 0.01 * (step + 1)}])
+    params = {"w": mx.ones((2, 2)), "b": mx.ones((2,))}
+    grads = {"w": mx.ones((2, 2)), "b": mx.ones((2,))}
+    for _ in range(3):
+        params = opt.apply_gradients(grads, params)
+    # w: 1 - 3 * 0.1; b: 1 - (0.01 + 0.02 + 0.03)
+    np.testing.assert_allclose(np.array(params["w"]), 0.7, rtol=1e-6)
+    np.testing.assert_allclose(np.array(params["b"]), 0.94, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32, mx.float64], ids=str)
+def test_parameters_keep_their_dtype(case, dtype):
+    # lr 0.1 and weights near 0.01: a step that bfloat16 can represent.
+    params = {"w": mx.full((3, 2), 0.01, dtype=dtype)}
+    opt = case.ours(learning_rate=0.1)
+    for _ in range(3):
+        params = opt.apply_gradients({"w": mx.full((3, 2), 0.25, dtype=dtype)}, params)
+    mx.eval(params)
+    assert params["w"].dtype == dtype
+    assert np.isfinite(np.array(params["w"].astype(mx.float32))).all()
+    assert not np.array_equal(np.array(params["w"].astype(mx.float32)), np.array(mx.full((3, 2), 0.01, dtype=dtype).astype(mx.float32))), "no step taken"
+    for key, value in opt.state["param_state"]["w"].items():
+        if key != "step" and value.ndim:
+            assert value.dtype == dtype, key
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_absent_parameter_is_untouched(case):
+    params = {"a": mx.ones((2, 2)), "b": mx.ones((3,))}
+    opt = case.ours()
+    opt.init(params)
+    for _ in range(3):
+        new = opt.apply_gradients({"a": mx.full((2, 2), 0.5)}, params)
+        params = {**params, **new}
+    mx.eval(params, opt.state)
+    np.testing.assert_array_equal(np.array(params["b"]), np.ones(3))
+    assert opt.state["param_state"]["b"]["step"].item() == 0
+    assert opt.state["param_state"]["a"]["step"].item() == 3
+    assert opt.state["step"].item() == 3
+
+
+def test_parameter_names_that_collide_with_hyperparameters():
+    params = {"step": mx.ones((2,)), "learning_rate": mx.ones((2,)), "param_state": {"x": mx.ones((2,))}}
+    opt = mlx_optim.Adam(learning_rate=0.1)
+    grads = {k: v for k, v in params.items()}
+    new = opt.apply_gradients(grads, params)
+    mx.eval(new)
+    assert opt.learning_rate.item() == pytest.approx(0.1)
+    assert opt.state["step"].item() == 1
+    for path, value in tree_flatten(new):
+        np.testing.assert_allclose(np.array(value), 0.9, rtol=1e-5, err_msg=path)
+
+
+def test_works_with_model_update_and_multioptimizer():
+    mx.random.seed(1)
+    model = Net()
+    x, y = _data(1)
+    loss_fn = lambda m: nn.losses.cross_entropy(m(mx.array(x)), mx.array(y), reduction="mean")
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    opt = mlx.optimizers.MultiOptimizer(
+        [mlx_optim.SGD(learning_rate=0.1, momentum=0.9), mlx_optim.Adam(learning_rate=1e-2)],
+        [lambda path, p: p.ndim == 2])
+    first = loss_fn(model).item()
+    for _ in range(30):
+        _, grads = loss_and_grad(model)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+    assert loss_fn(model).item() < 0.7 * first
+
+
+def test_asgd_averaged_parameters_load_into_a_model():
+    model = nn.Linear(3, 2)
+    opt = mlx_optim.ASGD(learning_rate=0.1, t0=0)
+    x = mx.array(np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32))
+    loss_and_grad = nn.value_and_grad(model, lambda m: mx.mean(m(x) ** 2))
+    history = []
+    for _ in range(5):
+        _, grads = loss_and_grad(model)
+        opt.update(model, grads)
+        mx.eval(model.parameters())
+        history.append(np.array(model.weight))
+    model.update(opt.averaged_parameters())
+    # With t0=0 torch's mu is 1 for the first two steps, then 1/(t-1): ax is the mean of
+    # the iterates from the second on.
+    np.testing.assert_allclose(np.array(model.weight), np.mean(history[1:], axis=0), rtol=1e-5)
+
+
+def test_schedule_on_any_hyperparameter():
+    opt = mlx_optim.SGD(learning_rate=0.1, momentum=lambda step: mx.where(step < 2, 0.5, 0.9))
+    params = {"w": mx.zeros((1,))}
+    for _ in range(3):
+        params = opt.apply_gradients({"w": mx.ones((1,))}, params)
+    # buf: 1, 0.5*1+1=1.5, 0.9*1.5+1=2.35; w = -0.1 * (1 + 1.5 + 2.35)
+    np.testing.assert_allclose(np.array(params["w"]), [-0.485], rtol=1e-6)
+    assert opt.momentum.item() == pytest.approx(0.9)
+
+
+def test_maximize_ascends():
+    opt = mlx_optim.Adam(learning_rate=0.1, maximize=True)
+    params = opt.apply_gradients({"w": mx.ones((2,))}, {"w": mx.zeros((2,))})
+    np.testing.assert_allclose(np.array(params["w"]), 0.1, rtol=1e-5)
+
+
+def test_init_does_not_reset_existing_state():
+    opt = mlx_optim.Adam()
+    params = {"w": mx.ones((2,))}
+    params = opt.apply_gradients({"w": mx.ones((2,))}, params)
+    before = np.array(opt.state["param_state"]["w"]["exp_avg"])
+    opt.init(params)
+    np.testing.assert_array_equal(np.array(opt.state["param_state"]["w"]["exp_avg"]), before)
+    assert opt.state["param_state"]["w"]["step"].item() == 1

@@ -1,0 +1,89 @@
+"""Bad hyperparameters raise ValueError naming the argument; bad gradient trees change nothing."""
+
+import re
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_optim
+from cases import CASES, ours_kwargs
+
+ERRORS = [(case, error) for case in CASES for error in case.errors]
+
+
+@pytest.mark.parametrize("pair", ERRORS, ids=[f"{c.name}-{e.kwargs}" for c, e in ERRORS])
+def test_bad_hyperparameter_raises(pair):
+    case, error = pair
+    with pytest.raises(ValueError, match=error.match) as info:
+        case.ours(**ours_kwargs(error.kwargs))
+    # The message names our argument, not only torch's wording.
+    names = set(ours_kwargs(error.kwargs)) | {"nesterov"}
+    assert any(name in str(info.value) for name in names), str(info.value)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_group_hyperparameter_raises(case):
+    with pytest.raises(ValueError, match="Invalid learning rate: -1"):
+        case.ours(groups=[{"params": "*.bias", "learning_rate": -1}])
+
+
+def test_group_errors():
+    with pytest.raises(ValueError, match="unknown hyperparameter"):
+        mlx_optim.SGD(groups=[{"params": "*.bias", "betas": (0.9, 0.99)}])
+    with pytest.raises(ValueError, match="needs a 'params' selector"):
+        mlx_optim.SGD(groups=[{"learning_rate": 0.1}])
+    opt = mlx_optim.SGD(groups=[{"params": "*.bias"}, {"params": "layer.*"}])
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.init({"layer": {"bias": mx.zeros(2)}})
+    opt = mlx_optim.SGD(groups=[{"params": "*.bais", "weight_decay": 0.0}])
+    with pytest.raises(ValueError, match=r"groups \[0\] select no parameter"):
+        opt.init({"layer": {"bias": mx.zeros(2)}})
+
+
+def test_structural_zero_cannot_be_turned_on_later():
+    opt = mlx_optim.SGD(learning_rate=0.1)
+    with pytest.raises(ValueError, match="momentum was 0 when this optimizer was built"):
+        opt.param_groups[0]["momentum"] = 0.9
+    opt = mlx_optim.Adam()
+    with pytest.raises(ValueError, match="weight_decay was 0"):
+        opt.param_groups[0]["weight_decay"] = 0.1
+    opt = mlx_optim.SGD(learning_rate=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="Invalid momentum value: -1"):
+        opt.param_groups[0]["momentum"] = -1
+    assert opt.momentum.item() == pytest.approx(0.9)  # unchanged by the refused value
+
+
+def _snapshot(tree):
+    from mlx.utils import tree_flatten
+
+    return [(k, np.array(v)) for k, v in tree_flatten(tree)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("bad", ["unknown key", "wrong shape", "not an array"])
+def test_malformed_gradients_change_nothing(case, bad):
+    params = {"w": mx.ones((3, 2)), "b": mx.ones((2,))}
+    opt = case.ours()
+    good = {"w": mx.full((3, 2), 0.5), "b": mx.full((2,), 0.5)}
+    params = opt.apply_gradients(good, params)  # state exists and has moved once
+    mx.eval(params, opt.state)
+    before_params, before_state = _snapshot(params), _snapshot(opt.state)
+    grads = {"w": mx.full((3, 2), 0.5), "b": mx.full((2,), 0.5)}
+    if bad == "unknown key":
+        grads["extra"] = mx.ones((2,))
+        message = "unknown parameter 'extra'"
+    elif bad == "wrong shape":
+        grads["b"] = mx.ones((3,))
+        message = r"gradient for 'b' has shape \(3,\)"
+    else:
+        grads["b"] = 2.0
+        message = "gradient for .b. must be an mx.array, got float"
+    with pytest.raises(ValueError, match=message):
+        opt.apply_gradients(grads, params)
+    after_state = _snapshot(opt.state)
+    assert [k for k, _ in after_state] == [k for k, _ in before_state]
+    for (k, a), (_, b) in zip(after_state, before_state):
+        np.testing.assert_array_equal(a, b, err_msg=k)
+    for (k, a), (_, b) in zip(_snapshot(params), before_params):
+        np.testing.assert_array_equal(a, b, err_msg=k)

@@ -1,0 +1,523 @@
+"""Schedules against torch.optim.lr_scheduler, step by step.
+
+One table (CASES) drives the parity, resume, float32 and compile tests: each row names a
+scheduler (found in ``mlx_optim.schedulers``/``swa_utils`` and in torch's modules under
+the same name) and its arguments; child schedulers of SequentialLR/ChainedScheduler are
+rows themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+import torch
+from torch.optim import lr_scheduler as torch_sched
+from torch.optim import swa_utils as torch_swa
+
+from mlx_optim import schedulers as S
+from mlx_optim import swa_utils as swa
+
+LR = 0.1
+STEPS = 1200
+RTOL = 1e-10
+
+
+@dataclass(frozen=True)
+class Case:
+    """A scheduler configuration. ``torch_kwargs`` overrides arguments that must be
+    written differently for torch (a lambda over Python ints instead of arrays)."""
+
+    name: str
+    kwargs: dict = field(default_factory=dict)
+    torch_kwargs: dict = field(default_factory=dict)
+    steps: int = STEPS
+    optimizer: str = "sgd"   # "adam": torch cycles betas[0] instead of momentum
+    id: str = ""
+
+    def __str__(self) -> str:
+        return self.id or f"{self.name}({', '.join(f'{k}={v}' for k, v in self.kwargs.items())})"
+
+
+def sub(name: str, **kwargs) -> Case:
+    return Case(name, kwargs)
+
+
+def _warmup(k):
+    return mx.minimum(1.0, (k + 1) / 100)
+
+
+CASES = [
+    Case("LambdaLR", dict(lr_lambda=lambda k: 0.995 ** k), id="LambdaLR-exp"),
+    Case("LambdaLR", dict(lr_lambda=lambda k: 1 / (1 + k // 10)), id="LambdaLR-floordiv"),
+    Case("LambdaLR", dict(lr_lambda=_warmup), dict(lr_lambda=lambda k: min(1.0, (k + 1) / 100)),
+         id="LambdaLR-warmup"),
+    Case("MultiplicativeLR", dict(lr_lambda=lambda k: 0.995, total_steps=STEPS),
+         dict(lr_lambda=lambda k: 0.995, total_steps=None), id="MultiplicativeLR-const"),
+    Case("MultiplicativeLR", dict(lr_lambda=lambda k: 0.5 if k % 100 == 0 else 1.0, total_steps=STEPS),
+         dict(lr_lambda=lambda k: 0.5 if k % 100 == 0 else 1.0, total_steps=None),
+         id="MultiplicativeLR-branch"),
+    Case("MultiplicativeLR", dict(lr_lambda=lambda k: 1 - 1 / (k + 10), total_steps=STEPS + 50),
+         dict(lr_lambda=lambda k: 1 - 1 / (k + 10), total_steps=None), id="MultiplicativeLR-harmonic"),
+    Case("StepLR", dict(step_size=30, gamma=0.1)),
+    Case("StepLR", dict(step_size=1, gamma=0.99)),
+    Case("StepLR", dict(step_size=100)),
+    Case("MultiStepLR", dict(milestones=[30, 80], gamma=0.1)),
+    Case("MultiStepLR", dict(milestones=[10, 10, 500], gamma=0.5)),
+    Case("MultiStepLR", dict(milestones=[0, 999], gamma=0.3)),
+    Case("ConstantLR", dict()),
+    Case("ConstantLR", dict(factor=0.5, total_iters=40)),
+    Case("ConstantLR", dict(factor=0.25, total_iters=0)),
+    Case("ConstantLR", dict(factor=1 / 7, total_iters=1000)),
+    Case("LinearLR", dict()),
+    Case("LinearLR", dict(start_factor=0.01, end_factor=1.0, total_iters=500)),
+    Case("LinearLR", dict(start_factor=1.0, end_factor=0.0, total_iters=1000)),
+    Case("LinearLR", dict(start_factor=1 / 3, end_factor=0.0, total_iters=7)),
+    Case("ExponentialLR", dict(gamma=0.99)),
+    Case("ExponentialLR", dict(gamma=0.9999)),
+    Case("ExponentialLR", dict(gamma=0.9)),
+    Case("PolynomialLR", dict()),
+    Case("PolynomialLR", dict(total_iters=1000, power=2.0)),
+    Case("PolynomialLR", dict(total_iters=777, power=0.5)),
+    Case("PolynomialLR", dict(total_iters=0)),
+    Case("CosineAnnealingLR", dict(T_max=100)),
+    Case("CosineAnnealingLR", dict(T_max=1000, eta_min=1e-4)),
+    Case("CosineAnnealingLR", dict(T_max=7, eta_min=0.01)),
+    Case("CosineAnnealingLR", dict(T_max=1)),
+    Case("CosineAnnealingWarmRestarts", dict(T_0=10)),
+    Case("CosineAnnealingWarmRestarts", dict(T_0=10, T_mult=2, eta_min=1e-3)),
+    Case("CosineAnnealingWarmRestarts", dict(T_0=1, T_mult=3)),
+    Case("CosineAnnealingWarmRestarts", dict(T_0=50, eta_min=0.05)),
+    Case("CyclicLR", dict(base_lr=0.01, max_lr=0.1, step_size_up=100)),
+    Case("CyclicLR", dict(base_lr=0.001, max_lr=0.1, step_size_up=50, step_size_down=150,
+                          mode="triangular2")),
+    Case("CyclicLR", dict(base_lr=0.001, max_lr=0.1, step_size_up=200, mode="exp_range",
+                          gamma=0.999), optimizer="adam"),
+    Case("CyclicLR", dict(base_lr=0.01, max_lr=0.05, step_size_up=10, step_size_down=0,
+                          scale_fn=lambda x: 0.5 ** (x / 100), scale_mode="iterations",
+                          base_momentum=0.7, max_momentum=0.95), id="CyclicLR-custom-sawtooth"),
+    Case("CyclicLR", dict(base_lr=0.01, max_lr=0.1, step_size_up=33, cycle_momentum=False)),
+    Case("OneCycleLR", dict(max_lr=0.1, total_steps=1000), steps=1000),
+    Case("OneCycleLR", dict(max_lr=0.01, total_steps=1100, anneal_strategy="linear",
+                            three_phase=True), steps=1100, optimizer="adam"),
+    Case("OneCycleLR", dict(max_lr=0.2, epochs=10, steps_per_epoch=120, pct_start=0.25,
+                            div_factor=10.0, final_div_factor=100.0, base_momentum=0.8,
+                            max_momentum=0.9), steps=1200),
+    Case("OneCycleLR", dict(max_lr=0.05, total_steps=1001, three_phase=True,
+                            cycle_momentum=False), steps=1001),
+    Case("SequentialLR", dict(schedules=[sub("LinearLR", start_factor=0.1, total_iters=10),
+                                         sub("ExponentialLR", gamma=0.99)], milestones=[10]),
+         id="SequentialLR-warmup-exp"),
+    Case("SequentialLR", dict(schedules=[sub("ConstantLR", factor=0.5, total_iters=5),
+                                         sub("StepLR", step_size=100, gamma=0.5),
+                                         sub("CosineAnnealingLR", T_max=300)],
+                              milestones=[20, 600]), id="SequentialLR-three"),
+    Case("SequentialLR", dict(schedules=[sub("MultiStepLR", milestones=[5, 15]),
+                                         sub("PolynomialLR", total_iters=500, power=2.0)],
+                              milestones=[50]), id="SequentialLR-multistep-poly"),
+    Case("ChainedScheduler", dict(schedules=[sub("ConstantLR", factor=0.1, total_iters=2),
+                                             sub("ExponentialLR", gamma=0.99)]),
+         id="ChainedScheduler-constant-exp"),
+    Case("ChainedScheduler", dict(schedules=[sub("LinearLR", start_factor=0.01, total_iters=100),
+                                             sub("StepLR", step_size=200, gamma=0.5)]),
+         id="ChainedScheduler-linear-step"),
+    Case("ChainedScheduler", dict(schedules=[sub("MultiStepLR", milestones=[100, 700], gamma=0.5),
+                                             sub("PolynomialLR", total_iters=1000, power=1.5),
+                                             sub("ExponentialLR", gamma=0.9995)]),
+         id="ChainedScheduler-three"),
+    Case("SWALR", dict(swa_lr=0.05)),
+    Case("SWALR", dict(swa_lr=0.5, anneal_epochs=5, anneal_strategy="linear")),
+    Case("SWALR", dict(swa_lr=0.01, anneal_epochs=0)),
+    Case("SWALR", dict(swa_lr=0.02, anneal_epochs=300, anneal_strategy="cos")),
+]
+
+NO_LEARNING_RATE = {"CyclicLR", "OneCycleLR"}   # they set their own starting rate
+COMPOSITES = {"SequentialLR", "ChainedScheduler"}
+
+
+# ------------------------------------------------------------------------ builders
+
+def build_ours(case: Case) -> S.Schedule:
+    cls = getattr(S, case.name, None) or getattr(swa, case.name)
+    kwargs = dict(case.kwargs)
+    if case.name in COMPOSITES:
+        kwargs["schedules"] = [build_ours(child) for child in kwargs["schedules"]]
+        return cls(**kwargs)
+    if case.name in NO_LEARNING_RATE:
+        return cls(**kwargs)
+    return cls(LR, **kwargs)
+
+
+def build_torch(case: Case, opt: torch.optim.Optimizer):
+    cls = getattr(torch_sched, case.name, None) or getattr(torch_swa, case.name)
+    kwargs = {**case.kwargs, **case.torch_kwargs}
+    kwargs = {k: v for k, v in kwargs.items() if not (k == "total_steps" and v is None)}
+    if case.name in COMPOSITES:
+        children = [build_torch(child, opt) for child in kwargs.pop("schedules")]
+        return cls(opt, schedulers=children, **kwargs) if case.name == "SequentialLR" else cls(children)
+    return cls(opt, **kwargs)
+
+
+def torch_optimizer(case: Case) -> torch.optim.Optimizer:
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    if case.optimizer == "adam":
+        return torch.optim.Adam(params, lr=LR)
+    return torch.optim.SGD(params, lr=LR, momentum=0.9)
+
+
+def torch_momentum(opt) -> float:
+    group = opt.param_groups[0]
+    return group["betas"][0] if "betas" in group else group["momentum"]
+
+
+def torch_run(case: Case, resume_at: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """torch's rates (and momenta) after 0..steps scheduler steps; with ``resume_at``,
+    rebuilt from state dicts at that step, and only the values from it on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = torch_optimizer(case)
+        sched = build_torch(case, opt)
+        lrs, moms = [opt.param_groups[0]["lr"]], [torch_momentum(opt)]
+        for k in range(1, case.steps + 1):
+            opt.step()
+            sched.step()
+            if k == resume_at:
+                saved = copy.deepcopy((opt.state_dict(), sched.state_dict()))
+                opt = torch_optimizer(case)
+                sched = build_torch(case, opt)
+                opt.load_state_dict(saved[0])
+                sched.load_state_dict(saved[1])
+                lrs, moms = [], []
+            lrs.append(float(opt.param_groups[0]["lr"]))
+            moms.append(float(torch_momentum(opt)))
+    return np.array(lrs), np.array(moms)
+
+
+@lru_cache(maxsize=None)
+def torch_values(index: int) -> tuple[np.ndarray, np.ndarray]:
+    return torch_run(CASES[index])
+
+
+def ours(schedule: S.Schedule, start: int, stop: int, dtype=mx.float64) -> np.ndarray:
+    return np.array(schedule(mx.arange(start, stop + 1), dtype=dtype))
+
+
+def cycles_momentum(case: Case) -> bool:
+    return case.name in NO_LEARNING_RATE and case.kwargs.get("cycle_momentum", True)
+
+
+CASE_IDS = [str(case) for case in CASES]
+
+
+def test_table_covers_every_torch_scheduler():
+    torch_names = set(torch_sched.__all__) - {"LRScheduler", "ReduceLROnPlateau"}
+    covered = {case.name for case in CASES}
+    assert torch_names | {"SWALR"} <= covered
+    for name in covered:
+        assert sum(case.name == name for case in CASES) >= 3, name
+
+
+# ------------------------------------------------------------------------- parity
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=CASE_IDS)
+def test_equals_torch_at_every_step(index):
+    case = CASES[index]
+    expected_lr, expected_momentum = torch_values(index)
+    schedule = build_ours(case)
+    np.testing.assert_allclose(ours(schedule, 0, case.steps), expected_lr, rtol=RTOL, atol=0)
+    if cycles_momentum(case):
+        np.testing.assert_allclose(ours(schedule.momentum, 0, case.steps), expected_momentum,
+                                   rtol=RTOL, atol=0)
+    else:
+        assert getattr(schedule, "momentum", None) is None
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=CASE_IDS)
+def test_resumed_mid_schedule_equals_torch_resumed(index):
+    case = CASES[index]
+    resume_at = case.steps // 3 + 1
+    expected_lr, expected_momentum = torch_run(case, resume_at=resume_at)
+    schedule = build_ours(case)
+    np.testing.assert_allclose(ours(schedule, resume_at, case.steps), expected_lr, rtol=RTOL, atol=0)
+    if cycles_momentum(case):
+        np.testing.assert_allclose(ours(schedule.momentum, resume_at, case.steps),
+                                   expected_momentum, rtol=RTOL, atol=0)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=CASE_IDS)
+def test_float32_default_is_torch_rounded(index):
+    case = CASES[index]
+    expected_lr, _ = torch_values(index)
+    got = build_ours(case)(mx.arange(case.steps + 1))
+    assert got.dtype == mx.float32
+    # float32 rounding; near a zero of (1 + cos) float32 loses relative, not absolute, accuracy
+    np.testing.assert_allclose(np.array(got), expected_lr, rtol=2e-5,
+                               atol=1e-6 * np.abs(expected_lr).max())
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=CASE_IDS)
+def test_compiled_scalar_uint64_step_equals_vectorized(index):
+    schedule, traces = build_ours(CASES[index]), []
+
+    def at(step):
+        traces.append(1)
+        return schedule(step)
+
+    compiled = mx.compile(at)
+    whole = schedule(mx.arange(40))
+    for k in (0, 1, 2, 17, 39):
+        got = compiled(mx.array(k, dtype=mx.uint64))
+        assert got.shape == () and got.item() == pytest.approx(whole[k].item(), rel=1e-6, abs=1e-12)
+        assert schedule(k).item() == got.item()
+    assert len(traces) == 1
+
+
+def test_large_steps_stay_accurate_in_float32():
+    # integer arithmetic on the step keeps float32 exact where the step itself is not
+    k = 2**26 + 3
+    assert S.StepLR(0.1, step_size=2**26 + 3)(k).item() == pytest.approx(0.01, rel=1e-6)
+    assert S.CosineAnnealingLR(0.1, T_max=4)(k).item() == pytest.approx(
+        0.05 * (1 + math.cos(math.pi * 3 / 4)), rel=1e-5)
+    assert S.ExponentialLR(0.1, gamma=0.9999)(100_000).item() == pytest.approx(
+        0.1 * 0.9999**100_000, rel=1e-5)
+
+
+# ----------------------------------------------------------------- in an optimizer
+
+def test_compiled_sgd_step_traces_once_and_uses_each_steps_rate():
+    schedule = S.OneCycleLR(max_lr=0.1, total_steps=10)
+    model = nn.Linear(3, 1)
+    opt = optim.SGD(learning_rate=schedule)
+    x = mx.array([[1.0, -2.0, 0.5]])
+    w0 = np.array(model.weight)
+    state = [model.state, opt.state]
+    traces = []
+
+    def loss_fn(model):
+        return model(x).sum()   # d/dw = x: the update is exactly -lr_k * x
+
+    def step():
+        traces.append(1)
+        loss, grads = nn.value_and_grad(model, loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    compiled = mx.compile(step, inputs=state, outputs=state)
+    for k in range(6):
+        mx.eval(compiled(), state)
+        assert opt.learning_rate.item() == pytest.approx(schedule(k).item(), rel=1e-7)
+    assert len(traces) == 1
+    applied = sum(schedule(k).item() for k in range(6))
+    np.testing.assert_allclose(np.array(model.weight), w0 - applied * np.array(x), rtol=1e-5)
+
+
+def test_momentum_schedule_in_a_compiled_step():
+    cyclic = S.CyclicLR(base_lr=0.01, max_lr=0.1, step_size_up=3)
+    traces = []
+
+    def hyper(step):
+        traces.append(1)
+        return cyclic(step), cyclic.momentum(step)
+
+    compiled = mx.compile(hyper)
+    for k in range(8):
+        lr, momentum = compiled(mx.array(k, dtype=mx.uint64))
+        x = 1 + k / 6 - math.floor(1 + k / 6)
+        height = x / 0.5 if x <= 0.5 else (x - 1) / -0.5
+        assert lr.item() == pytest.approx(0.01 + 0.09 * height, rel=1e-6)
+        assert momentum.item() == pytest.approx(0.9 - 0.1 * height, rel=1e-6)
+    assert len(traces) == 1
+
+
+# ---------------------------------------------------------------- ReduceLROnPlateau
+
+class Groups:
+    """A stand-in for our optimizers: param_groups with a settable "learning_rate"."""
+
+    def __init__(self, *rates):
+        self.param_groups = [{"learning_rate": rate} for rate in rates]
+
+
+METRICS = [1.0, 0.9, 0.85, 0.85, 0.86, 0.84, 0.84, 0.845, 0.9, 0.83, 0.83, 0.83, 0.83, 0.829,
+           0.84, 0.85, 0.7, 0.7, 0.71, 0.72, 0.69, 0.69, 0.69, 0.69, 0.69, 0.70, 0.5, 0.5, 0.5,
+           0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+PLATEAU_CASES = [
+    dict(),
+    dict(mode="min", patience=2, threshold=0.05, threshold_mode="rel", factor=0.5),
+    dict(mode="max", patience=1, threshold=0.01, threshold_mode="abs", cooldown=2, factor=0.3),
+    dict(mode="min", patience=0, threshold=0.0, threshold_mode="abs", cooldown=3,
+         min_lr=[1e-3, 0.004], factor=0.5),
+    dict(mode="max", patience=1, threshold=1e-4, factor=0.9, eps=0.006, min_lr=1e-3),
+]
+
+
+def torch_plateau(kwargs, metrics, rates=(0.1, 0.01)):
+    opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": r} for r in rates])
+    plateau = torch_sched.ReduceLROnPlateau(opt, **kwargs)
+    out = []
+    for metric in metrics:
+        plateau.step(metric)
+        out.append([g["lr"] for g in opt.param_groups])
+    return out
+
+
+@pytest.mark.parametrize("kwargs", PLATEAU_CASES, ids=str)
+def test_reduce_on_plateau_equals_torch(kwargs):
+    expected = torch_plateau(kwargs, METRICS)
+    groups = Groups(0.1, 0.01)
+    plateau = S.ReduceLROnPlateau(groups, **kwargs)
+    got = []
+    for metric in METRICS:
+        plateau.step(mx.array(metric))
+        got.append([g["learning_rate"] for g in groups.param_groups])
+    assert got == expected
+    assert plateau.get_last_lr() == expected[-1]
+    assert len({tuple(r) for r in expected}) > 1, "the sequence must reduce at least once"
+
+
+@pytest.mark.parametrize("kwargs", PLATEAU_CASES, ids=str)
+def test_reduce_on_plateau_state_dict_resumes_through_json(kwargs):
+    expected = torch_plateau(kwargs, METRICS)
+    groups = Groups(0.1, 0.01)
+    plateau = S.ReduceLROnPlateau(groups, **kwargs)
+    for metric in METRICS[:17]:
+        plateau.step(metric)
+    saved = json.loads(json.dumps(plateau.state_dict()))
+    resumed = S.ReduceLROnPlateau(Groups(*[g["learning_rate"] for g in groups.param_groups]))
+    resumed.load_state_dict(saved)
+    assert resumed.state_dict() == plateau.state_dict()
+    for metric, rates in zip(METRICS[17:], expected[17:]):
+        resumed.step(metric)
+        assert [g["learning_rate"] for g in resumed.optimizer.param_groups] == rates
+
+
+def test_reduce_on_plateau_drives_mlx_sgd():
+    kwargs = dict(patience=1, factor=0.5, min_lr=0.01)
+    expected = [rates[0] for rates in torch_plateau(kwargs, METRICS, rates=(0.1,))]
+    opt = optim.SGD(learning_rate=0.1)
+    plateau = S.ReduceLROnPlateau(opt, **kwargs)
+    got = []
+    for metric in METRICS:
+        plateau.step(metric)
+        got.append(opt.learning_rate.item())
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert expected[-1] == 0.01
+
+
+# ---------------------------------------------------------------------- validation
+
+def _plateau(**kwargs):
+    return lambda: S.ReduceLROnPlateau(Groups(0.1), **kwargs)
+
+
+def _torch_plateau(**kwargs):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    return lambda: torch_sched.ReduceLROnPlateau(opt, **kwargs)
+
+
+def _torch(name, **kwargs):
+    def make():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+        cls = getattr(torch_sched, name, None) or getattr(torch_swa, name)
+        return cls(opt, **kwargs)
+    return make
+
+
+# (ours, torch's or None, the message both start with, the argument ours names)
+ERRORS = [
+    (lambda: S.ConstantLR(0.1, factor=1.5), _torch("ConstantLR", factor=1.5),
+     "Constant multiplicative factor expected to be between 0 and 1", "factor"),
+    (lambda: S.LinearLR(0.1, start_factor=0), _torch("LinearLR", start_factor=0),
+     "Starting multiplicative factor expected", "start_factor"),
+    (lambda: S.LinearLR(0.1, end_factor=2.0), _torch("LinearLR", end_factor=2.0),
+     "Ending multiplicative factor expected", "end_factor"),
+    (lambda: S.StepLR(-0.1, step_size=10), None, "Invalid learning rate", "learning_rate"),
+    (lambda: S.StepLR(0.1, step_size=0), None, "Expected positive integer step_size", "step_size"),
+    (lambda: S.CosineAnnealingLR(0.1, T_max=0), None, "Expected positive integer T_max", "T_max"),
+    (lambda: S.MultiplicativeLR(0.1, lambda k: 0.9, total_steps=0), None,
+     "Expected positive integer total_steps", "total_steps"),
+    (lambda: S.CosineAnnealingWarmRestarts(0.1, T_0=0),
+     _torch("CosineAnnealingWarmRestarts", T_0=0), "Expected positive integer T_0", "T_0"),
+    (lambda: S.CosineAnnealingWarmRestarts(0.1, T_0=5, T_mult=0),
+     _torch("CosineAnnealingWarmRestarts", T_0=5, T_mult=0), "Expected integer T_mult >= 1", "T_mult"),
+    (lambda: S.CosineAnnealingWarmRestarts(0.1, T_0=5, eta_min="0"),
+     _torch("CosineAnnealingWarmRestarts", T_0=5, eta_min="0"), "Expected float or int eta_min",
+     "eta_min"),
+    (lambda: S.OneCycleLR(0.1), _torch("OneCycleLR", max_lr=0.1),
+     "You must define either total_steps OR (epochs AND steps_per_epoch)", "total_steps"),
+    (lambda: S.OneCycleLR(0.1, total_steps=0), _torch("OneCycleLR", max_lr=0.1, total_steps=0),
+     "Expected positive integer total_steps", "total_steps"),
+    (lambda: S.OneCycleLR(0.1, epochs=0, steps_per_epoch=5),
+     _torch("OneCycleLR", max_lr=0.1, epochs=0, steps_per_epoch=5),
+     "Expected positive integer epochs", "epochs"),
+    (lambda: S.OneCycleLR(0.1, epochs=2, steps_per_epoch=-1),
+     _torch("OneCycleLR", max_lr=0.1, epochs=2, steps_per_epoch=-1),
+     "Expected positive integer steps_per_epoch", "steps_per_epoch"),
+    (lambda: S.OneCycleLR(0.1, total_steps=10, pct_start=1.5),
+     _torch("OneCycleLR", max_lr=0.1, total_steps=10, pct_start=1.5),
+     "Expected float between 0 and 1 pct_start", "pct_start"),
+    (lambda: S.OneCycleLR(0.1, total_steps=10, anneal_strategy="exp"),
+     _torch("OneCycleLR", max_lr=0.1, total_steps=10, anneal_strategy="exp"),
+     "anneal_strategy must be one of 'cos' or 'linear'", "anneal_strategy"),
+    (lambda: S.CyclicLR(0.01, 0.1, mode="sine"), _torch("CyclicLR", base_lr=0.01, max_lr=0.1, mode="sine"),
+     "mode is invalid and scale_fn is None", "mode"),
+    (lambda: S.CyclicLR(0.01, 0.1, step_size_up=0), None,
+     "Expected positive integer step_size_up", "step_size_up"),
+    (lambda: S.CyclicLR(0.01, 0.1, scale_fn=lambda x: 1.0, scale_mode="epoch"), None,
+     "scale_mode must be one of", "scale_mode"),
+    (lambda: S.SequentialLR([], milestones=[]), None, "SequentialLR expects at least one scheduler",
+     "schedules"),
+    (lambda: S.SequentialLR([S.StepLR(0.1, 5), S.StepLR(0.1, 7)], milestones=[]), None,
+     "Sequential Schedulers expects number of schedulers provided to be one more", "milestones"),
+    (lambda: S.SequentialLR([S.StepLR(0.1, 5), S.ReduceLROnPlateau(Groups(0.1))], milestones=[3]),
+     None, "SequentialLR does not support `ReduceLROnPlateau`", "index 1"),
+    (lambda: S.ChainedScheduler([]), None, "ChainedScheduler expects at least one scheduler",
+     "schedules"),
+    (lambda: S.ChainedScheduler([S.StepLR(0.1, 5), S.OneCycleLR(0.1, total_steps=5)]), None,
+     "ChainedScheduler multiplies factors", "schedules[1]"),
+    (lambda: S.ChainedScheduler([S.StepLR(0.1, 5), S.StepLR(0.2, 5)]), None,
+     "ChainedScheduler expects all schedules to start from the same learning_rate", "schedules[1]"),
+    (_plateau(factor=1.0), _torch_plateau(factor=1.0), "Factor should be < 1.0.", "factor"),
+    (_plateau(mode="median"), _torch_plateau(mode="median"), "mode median is unknown!", "mode"),
+    (_plateau(threshold_mode="ratio"), _torch_plateau(threshold_mode="ratio"),
+     "threshold mode ratio is unknown!", "threshold_mode"),
+    (_plateau(min_lr=[0.1, 0.2]), _torch_plateau(min_lr=[0.1, 0.2]),
+     "expected 1 min_lrs, got 2", "min_lr"),
+    (lambda: swa.SWALR(0.1, swa_lr=0.05, anneal_strategy="step"),
+     _torch("SWALR", swa_lr=0.05, anneal_strategy="step"),
+     "anneal_strategy must be one of 'cos' or 'linear'", "anneal_strategy"),
+    (lambda: swa.SWALR(0.1, swa_lr=0.05, anneal_epochs=-1),
+     _torch("SWALR", swa_lr=0.05, anneal_epochs=-1),
+     "anneal_epochs must be equal or greater than 0", "anneal_epochs"),
+]
+
+
+@pytest.mark.parametrize("make, make_torch, message, argument", ERRORS,
+                         ids=[e[2][:40] + "/" + e[3] for e in ERRORS])
+def test_bad_arguments_raise_value_error_naming_them(make, make_torch, message, argument):
+    with pytest.raises(ValueError) as error:
+        make()
+    assert str(error.value).startswith(message)
+    assert argument in str(error.value)
+    if make_torch is not None:   # the same words as torch
+        with pytest.raises(ValueError, match="^" + re.escape(message)):
+            make_torch()
+
+
+def test_non_callable_lambda_and_float_step_raise_type_error():
+    with pytest.raises(TypeError, match="lr_lambda should be a function"):
+        S.MultiplicativeLR(0.1, 0.95, total_steps=10)
+    with pytest.raises(TypeError, match="lr_lambda should be a function"):
+        S.LambdaLR(0.1, 0.95)
+    with pytest.raises(TypeError, match="integer"):
+        S.StepLR(0.1, 5)(mx.array(1.5))
