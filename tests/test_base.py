@@ -9,8 +9,8 @@ import torch
 from mlx.utils import tree_flatten
 
 import mlx_optim
-from cases import CASES, Config
-from harness import Problem, assert_close, flatten_slots
+from mlx_optim.parity.cases import CASES, Config
+from mlx_optim.parity.harness import Problem, assert_close, flatten_slots
 
 
 class Net(nn.Module):

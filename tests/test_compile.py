@@ -4,8 +4,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from cases import CASES, Config
-from harness import Problem, assert_close, flatten_slots
+from mlx_optim.parity.cases import CASES, Config
+from mlx_optim.parity.harness import Problem, assert_close, flatten_slots
 from mlx.utils import tree_flatten
 
 
@@ -22,7 +22,7 @@ def _changes(case):
 
 
 def _run(case, config, changes, compiled, steps=6, change_at=3):
-    from cases import ours_kwargs
+    from mlx_optim.parity.cases import ours_kwargs
 
     problem = Problem(case.shapes)
     params = problem.mlx_params(mx.float32)

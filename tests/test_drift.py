@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing._internal.common_optimizers import optim_db
 
-from cases import BY_NAME, TORCH_ONLY, normalized
+from mlx_optim.parity.cases import BY_NAME, TORCH_ONLY, normalized
 
 INFOS = [info for info in optim_db if info.optim_cls.__name__ in BY_NAME]
 # torch-only error checks: tensor betas/lr combined with foreach, and type mixes of

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mlx_optim
-from cases import CASES, ours_kwargs
+from mlx_optim.parity.cases import CASES, ours_kwargs
 
 ERRORS = [(case, error) for case in CASES for error in case.errors]
 

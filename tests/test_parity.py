@@ -2,8 +2,8 @@
 
 import pytest
 
-from cases import config_id, config_params
-from harness import compare_with_torch, run_ours, run_torch
+from mlx_optim.parity.cases import config_id, config_params
+from mlx_optim.parity.harness import compare_with_torch, run_ours, run_torch
 
 PAIRS = config_params()
 

@@ -300,6 +300,7 @@ def test_compiled_sgd_step_traces_once_and_uses_each_steps_rate():
     opt = optim.SGD(learning_rate=schedule)
     x = mx.array([[1.0, -2.0, 0.5]])
     w0 = np.array(model.weight)
+    opt.init(model.trainable_parameters())   # the state's structure is fixed before tracing
     state = [model.state, opt.state]
     traces = []
 
@@ -521,3 +522,37 @@ def test_non_callable_lambda_and_float_step_raise_type_error():
         S.LambdaLR(0.1, 0.95)
     with pytest.raises(TypeError, match="integer"):
         S.StepLR(0.1, 5)(mx.array(1.5))
+
+
+def test_our_sgd_cycles_rate_and_momentum_like_torch_in_a_compiled_step():
+    from mlx_optim import SGD
+
+    schedule = S.OneCycleLR(max_lr=0.1, total_steps=12)
+    model = nn.Linear(3, 1)
+    opt = SGD(learning_rate=schedule, momentum=schedule.momentum)
+    opt.init(model.trainable_parameters())
+    state, traces = [model.state, opt.state], []
+    x = mx.array([[1.0, -2.0, 0.5]])
+
+    def step():
+        traces.append(1)
+        _, grads = nn.value_and_grad(model, lambda m: (m(x) ** 2).sum())(model)
+        opt.update(model, grads)
+
+    theirs = torch.nn.Linear(3, 1)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.tensor(np.array(model.weight)))
+        theirs.bias.copy_(torch.tensor(np.array(model.bias)))
+    torch_opt = torch.optim.SGD(theirs.parameters(), lr=LR, momentum=0.9)
+    torch_schedule = torch_sched.OneCycleLR(torch_opt, max_lr=0.1, total_steps=12)
+    compiled = mx.compile(step, inputs=state, outputs=state)
+    for _ in range(10):   # closed loop: the gradient depends on the parameters
+        compiled()
+        mx.eval(state)
+        torch_opt.zero_grad()
+        (theirs(torch.tensor(np.array(x))) ** 2).sum().backward()
+        torch_opt.step()
+        torch_schedule.step()
+    assert len(traces) == 1
+    np.testing.assert_allclose(np.array(model.weight), theirs.weight.detach().numpy(), rtol=1e-5)
+    assert opt.param_groups[0]["momentum"].item() == pytest.approx(schedule.momentum(9).item())

@@ -1,5 +1,7 @@
 """mlx-optim: PyTorch's optimizer family for MLX, step for step identical to torch.optim."""
 
+from . import schedulers as lr_scheduler
+from . import swa_utils
 from ._base import Optimizer, ParamGroup
 from .adadelta import Adadelta
 from .adagrad import Adagrad
@@ -10,10 +12,20 @@ from .nadam import NAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
 from .rprop import Rprop
+from .schedulers import (
+    ChainedScheduler, ConstantLR, CosineAnnealingLR, CosineAnnealingWarmRestarts, CyclicLR,
+    ExponentialLR, LambdaLR, LinearLR, MultiplicativeLR, MultiStepLR, OneCycleLR, PolynomialLR,
+    ReduceLROnPlateau, Schedule, SequentialLR, StepLR,
+)
 from .sgd import SGD
+from .swa_utils import SWALR, AveragedModel
 
 __all__ = [
     "Optimizer", "ParamGroup",
     "SGD", "Adam", "AdamW", "Adamax", "RMSprop", "NAdam", "RAdam", "Adagrad", "Adadelta",
     "ASGD", "Rprop",
+    "lr_scheduler", "swa_utils", "Schedule", "LambdaLR", "MultiplicativeLR", "StepLR",
+    "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR", "SequentialLR", "CosineAnnealingLR",
+    "ChainedScheduler", "ReduceLROnPlateau", "CyclicLR", "CosineAnnealingWarmRestarts",
+    "OneCycleLR", "PolynomialLR", "AveragedModel", "SWALR",
 ]

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import mlx.core as mx
 import mlx.optimizers as mlx_optim
 
+from ._math import cast
 from ._validate import Rule, check, scalar_value
 
 # Values of these types are structural switches (they change the traced computation);
@@ -404,9 +405,9 @@ class Optimizer(mlx_optim.Optimizer):
         if self._active[index].get("weight_decay", False):
             wd = hyper["weight_decay"]
             if hyper.get("decoupled_weight_decay", False):
-                p = p * (1 - hyper["learning_rate"] * wd).astype(cdt)
+                p = p * cast(1 - hyper["learning_rate"] * wd, p)
             else:
-                g = g + wd.astype(cdt) * p
+                g = g + cast(wd, p) * p
         # bf16/fp16 state is updated in float32 too; float32/float64 state as it is.
         state = {k: _cast(v, _compute_dtype(v.dtype)) if mx.issubdtype(v.dtype, mx.floating) else v
                  for k, v in slot.items()}

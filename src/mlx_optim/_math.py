@@ -11,8 +11,14 @@ def cast(scalar: mx.array, like: mx.array) -> mx.array:
     Update functions compute coefficients such as ``1 - beta2`` or ``lr / (1 - beta1**t)``
     at the hyperparameters' precision (as torch does in Python floats) and cast them
     once, where they meet a tensor.
+
+    The sum is for speed: ``mx.compile`` fuses elementwise chains, and a scalar chain
+    (``beta ** step`` ...) fused into a tensor's kernel is recomputed for every element
+    (measured 10x slower on an Adam step). A reduction is never fused, so the scalar is
+    computed once and reaches the kernel as a true 0-d scalar (a reshape to (1, 1)
+    also blocks fusion but makes the kernel index a broadcast; measured 1.4x slower).
     """
-    return scalar.astype(like.dtype)
+    return mx.sum(scalar.astype(like.dtype).reshape(1)) if like.ndim else scalar.astype(like.dtype)
 
 
 def lerp(start: mx.array, end: mx.array, weight: mx.array) -> mx.array:

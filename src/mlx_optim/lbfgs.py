@@ -90,8 +90,11 @@ def _ravel(tree: Any) -> tuple[mx.array, Callable[[mx.array], Any], Callable[[An
 
 
 def _finite_loss(loss: Any, grad: mx.array) -> float:
+    """The loss as a float; raises ``_NonFinite`` if it or the gradient is not finite."""
+    grad_finite = mx.all(mx.isfinite(grad))
+    mx.eval(loss, grad, grad_finite)  # one synchronisation for all three
     loss = float(loss.item() if isinstance(loss, mx.array) else loss)
-    if not (math.isfinite(loss) and mx.all(mx.isfinite(grad)).item()):
+    if not (math.isfinite(loss) and grad_finite.item()):
         raise _NonFinite
     return loss
 
@@ -165,6 +168,8 @@ class LBFGS:
         if callable(learning_rate):
             raise TypeError("LBFGS takes a number or a scalar mx.array as learning_rate, "
                             "not a schedule")
+        if isinstance(learning_rate, mx.array) and learning_rate.size != 1:
+            raise ValueError(f"Tensor lr must be 1-element (learning_rate has shape {learning_rate.shape})")
         for name, value in (("max_iter", max_iter), ("max_eval", max_eval),
                             ("history_size", history_size)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -230,21 +235,18 @@ class LBFGS:
         """
         state = self.state
         lr = scalar_value("learning_rate", self.learning_rate)
-        evals = 0
+        evals = 1  # this step's evaluations, counting the first one below
 
         def loss_and_grad(point: mx.array) -> tuple[float, mx.array]:
             nonlocal evals
             evals += 1
             state["func_evals"] += 1
             raw_loss, grad = evaluate(point)
-            mx.eval(raw_loss, grad)
             return _finite_loss(raw_loss, grad), grad
 
         # The first evaluation, whose raw loss the step returns.
-        evals = 1
         state["func_evals"] += 1
         orig_loss, flat_grad = evaluate(x)
-        mx.eval(orig_loss, flat_grad)
         try:
             loss = _finite_loss(orig_loss, flat_grad)
         except _NonFinite:

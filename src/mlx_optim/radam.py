@@ -19,13 +19,16 @@ def radam_update(param, grad, state, *, learning_rate, betas, eps):
     bias_correction2 = bias_correction(beta2, state["step"])
     rho_inf = 2 / (1 - beta2) - 1
     rho_t = rho_inf - 2 * step * beta2**step / bias_correction2
-    rectified = rho_t > 5.0  # torch's eager `if rho_t > 5`, as a select
+    rectified = rho_t > 5.0  # torch's eager `if rho_t > 5`, as a scalar select
     safe_rho = mx.where(rectified, rho_t, rho_inf)
     rect = mx.sqrt((safe_rho - 4) * (safe_rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * safe_rho))
     step_size = learning_rate / bias_correction1
-    adaptive = cast(mx.sqrt(bias_correction2), grad) / (mx.sqrt(exp_avg_sq) + cast(eps, grad))
-    scale = mx.where(rectified, cast(rect, grad) * adaptive, mx.array(1.0, grad.dtype))
-    new_param = param - cast(step_size, param) * exp_avg * scale
+    # step = step_size * m * (rect * adaptive  if rectified else  1), with the switch
+    # folded into two scalar coefficients instead of a select over the tensor.
+    adaptive_coef = mx.where(rectified, step_size * rect * mx.sqrt(bias_correction2), 0.0)
+    plain_coef = mx.where(rectified, 0.0, step_size)
+    adaptive = cast(adaptive_coef, grad) / (mx.sqrt(exp_avg_sq) + cast(eps, grad))
+    new_param = param - exp_avg * (adaptive + cast(plain_coef, grad))
     return new_param, {**state, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
 

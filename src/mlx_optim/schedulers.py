@@ -30,7 +30,6 @@ that sets the optimizer's learning rates, as torch's does.
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
 from typing import Any, Callable, Sequence
 
 import mlx.core as mx
@@ -90,17 +89,42 @@ def _choice(name: str, value: Any, options: Sequence[str], message: str | None =
 
 
 def _power(base: float, exponent: mx.array) -> mx.array:
-    """``base ** exponent``; for a positive base as ``exp(exponent * log(base))`` with the log
-    taken in float64, since in float32 ``base`` itself rounds (0.9999 by 3e-8), an error
-    that ``base ** k`` multiplies by ``k``."""
-    if base > 0:
+    """``base ** exponent``. In float32 a positive base goes through ``exp(exponent *
+    log(base))`` with the log taken in float64: ``base`` itself would round (0.9999 by
+    3e-8), an error that ``base ** k`` multiplies by ``k``. MLX's float64 ``power`` is
+    exact, its float64 ``exp`` is not (see :func:`_cos`)."""
+    if base > 0 and exponent.dtype != mx.float64:
         return mx.exp(exponent * math.log(base))
     return base ** exponent
 
 
+# fdlibm's split of pi/2: the first part has 33 bits, so n * _PIO2_HI is exact.
+_PIO2_HI, _PIO2_LO = 1.57079632673412561417e+00, 6.07710050650619224932e-11
+_COS_TAYLOR = [(-1) ** i / math.factorial(2 * i) for i in range(9)]        # up to r^16
+_SIN_TAYLOR = [(-1) ** i / math.factorial(2 * i + 1) for i in range(9)]    # up to r^17
+
+
+def _cos(x: mx.array) -> mx.array:
+    """cos(x). MLX computes float64 cos (and exp) to float32 accuracy only (errors of
+    5e-7), so float64 goes through a reduction to |r| <= pi/4 and Taylor series (error
+    ~1e-16, as libm's); float32 uses ``mx.cos``."""
+    if x.dtype != mx.float64:
+        return mx.cos(x)
+    n = mx.round(x / (math.pi / 2))
+    r = (x - n * _PIO2_HI) - n * _PIO2_LO
+    r2 = r * r
+    cos_r, sin_r = mx.zeros_like(r), mx.zeros_like(r)
+    for c, s in zip(reversed(_COS_TAYLOR), reversed(_SIN_TAYLOR)):   # Horner
+        cos_r, sin_r = cos_r * r2 + c, sin_r * r2 + s
+    sin_r = sin_r * r
+    quadrant = n.astype(mx.int64) % 4
+    return mx.where(quadrant == 0, cos_r, mx.where(quadrant == 1, -sin_r,
+                    mx.where(quadrant == 2, -cos_r, sin_r)))
+
+
 def _annealing_cos(start: float, end: float, pct: mx.array) -> mx.array:
     # torch's operation order, so float64 results are torch's to the last bit or two.
-    return end + (start - end) / 2.0 * (mx.cos(math.pi * pct) + 1)
+    return end + (start - end) / 2.0 * (_cos(math.pi * pct) + 1)
 
 
 def _annealing_linear(start: float, end: float, pct: mx.array) -> mx.array:
@@ -418,7 +442,7 @@ class CosineAnnealingLR(Schedule):
     def _at(self, k, dtype):
         # cos has period 2T: reducing k first keeps float32 exact at any step.
         phase = (k % (2 * self.T_max)).astype(dtype)
-        cos_out = 1 + mx.cos(math.pi * phase / self.T_max)
+        cos_out = 1 + _cos(math.pi * phase / self.T_max)
         return self.eta_min + (self.learning_rate - self.eta_min) * cos_out / 2
 
 
@@ -460,7 +484,7 @@ class CosineAnnealingWarmRestarts(Schedule):
             cycle = mx.sum(k[..., None] >= starts[1:], axis=-1)
             t_cur = k - mx.take(starts, cycle)
             t_i = mx.take(mx.array(self._periods, dtype=mx.int64), cycle)
-        cos_out = 1 + mx.cos(math.pi * t_cur.astype(dtype) / t_i.astype(dtype))
+        cos_out = 1 + _cos(math.pi * t_cur.astype(dtype) / t_i.astype(dtype))
         return self.eta_min + (self.learning_rate - self.eta_min) * cos_out / 2
 
 

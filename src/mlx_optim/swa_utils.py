@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .schedulers import Schedule, _choice, _learning_rate, _number
+from .schedulers import Schedule, _choice, _cos, _learning_rate, _number
 
 __all__ = ["AveragedModel", "SWALR", "update_bn", "get_ema_multi_avg_fn",
            "get_swa_multi_avg_fn", "get_ema_avg_fn", "get_swa_avg_fn"]
@@ -225,5 +225,5 @@ class SWALR(Schedule):
         if self.anneal_epochs == 0:   # torch treats step 0 as step 1 then
             k = mx.maximum(k, 1)
         t = mx.clip(k.astype(dtype) / max(1, self.anneal_epochs), 0, 1)
-        alpha = (1 - mx.cos(math.pi * t)) / 2 if self.anneal_strategy == "cos" else t
+        alpha = (1 - _cos(math.pi * t)) / 2 if self.anneal_strategy == "cos" else t
         return self.swa_lr * alpha + self.learning_rate * (1 - alpha)

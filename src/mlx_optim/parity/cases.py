@@ -1,9 +1,9 @@
-"""The one table of optimizer configurations that drives the generic tests.
+"""The one table of optimizer configurations: it drives the generic tests and `mlx-optim verify`.
 
 Configurations are written in torch's argument names (``lr`` ...), seeded from torch
 2.13's own test database (``torch.testing._internal.common_optimizers.optim_db``:
 ``optim_inputs_func`` and ``optim_error_inputs_func``), minus torch's implementation
-switches. ``test_drift.py`` fails when torch's database lists a configuration this table
+switches. ``tests/test_drift.py`` fails when torch's database lists a configuration this table
 lacks. ``extra=True`` marks configurations we add beyond torch's database.
 """
 

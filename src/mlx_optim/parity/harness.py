@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from mlx.utils import tree_flatten, tree_map
 
-from cases import ours_kwargs
+from .cases import ours_kwargs
 
 DTYPES = {"float32": (mx.float32, torch.float32), "float64": (mx.float64, torch.float64)}
 
