@@ -100,6 +100,8 @@ def test_parameters_keep_their_dtype(case, dtype):
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_absent_parameter_is_untouched(case):
+    if "test_absent_parameter_is_untouched" in case.test_skips:
+        pytest.skip(case.test_skips["test_absent_parameter_is_untouched"])
     params = {"a": mx.ones((2, 2)), "b": mx.ones((3,))}
     opt = case.ours()
     opt.init(params)
@@ -183,3 +185,49 @@ def test_init_does_not_reset_existing_state():
     opt.init(params)
     np.testing.assert_array_equal(np.array(opt.state["param_state"]["w"]["exp_avg"]), before)
     assert opt.state["param_state"]["w"]["step"].item() == 1
+
+
+def test_compiled_step_after_partial_update_keeps_per_parameter_steps():
+    """Steps are shared while parameters are stepped together; a partial update splits
+    them and a step compiled before the split retraces rather than running stale."""
+    params = {"a": mx.ones((2,)), "b": mx.ones((2,))}
+    grads = {"a": mx.full((2,), 0.5), "b": mx.full((2,), 0.5)}
+    opt = mlx_optim.Adam(learning_rate=0.1)
+    opt.init(params)
+    state = [opt.state]
+    full = mx.compile(lambda g, p: opt.apply_gradients(g, p), inputs=state, outputs=state)
+    params = full(grads, params)
+    params = {**params, **opt.apply_gradients({"a": grads["a"]}, params)}  # eager, "a" only
+    params = full(grads, params)
+    mx.eval(params, opt.state)
+    steps = {k: opt.state["param_state"][k]["step"].item() for k in "ab"}
+    assert steps == {"a": 3, "b": 2}
+
+    # The same sequence stepped eagerly, one optimizer per parameter, gives the same values.
+    for key, n in steps.items():
+        alone = mlx_optim.Adam(learning_rate=0.1)
+        p = {key: mx.ones((2,))}
+        for _ in range(n):
+            p = alone.apply_gradients({key: mx.full((2,), 0.5)}, p)
+        np.testing.assert_allclose(np.array(params[key]), np.array(p[key]), rtol=1e-6)
+        np.testing.assert_allclose(np.array(opt.state["param_state"][key]["exp_avg_sq"]),
+                                   np.array(alone.state["param_state"][key]["exp_avg_sq"]), rtol=1e-6)
+
+
+def test_loaded_state_is_regrouped_by_value():
+    opt = mlx_optim.NAdam(learning_rate=0.1)
+    params = {"a": mx.ones((2,)), "b": mx.ones((3,))}
+    params = opt.apply_gradients({"a": mx.ones((2,))}, params)
+    params = opt.apply_gradients({"a": mx.ones((2,)), "b": mx.ones((3,))}, {**params, "b": mx.ones((3,))})
+    mx.eval(opt.state)
+    fresh = mlx_optim.NAdam(learning_rate=0.1)
+    from mlx.utils import tree_map
+
+    fresh.state = tree_map(lambda x: x, opt.state)  # new containers, as a load gives
+    new = fresh.apply_gradients({"a": mx.ones((2,)), "b": mx.ones((3,))}, params)
+    ref = opt.apply_gradients({"a": mx.ones((2,)), "b": mx.ones((3,))}, params)
+    for key in "ab":
+        np.testing.assert_allclose(np.array(new[key]), np.array(ref[key]), rtol=1e-6)
+        assert fresh.state["param_state"][key]["step"].item() == opt.state["param_state"][key]["step"].item()
+    # a (3 steps) and b (2 steps) differ, so they no longer share a step array.
+    assert fresh.state["param_state"]["a"]["step"] is not fresh.state["param_state"]["b"]["step"]

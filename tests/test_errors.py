@@ -16,15 +16,22 @@ ERRORS = [(case, error) for case in CASES for error in case.errors]
 def test_bad_hyperparameter_raises(pair):
     case, error = pair
     with pytest.raises(ValueError, match=error.match) as info:
-        case.ours(**ours_kwargs(error.kwargs))
-    # The message names our argument, not only torch's wording.
-    names = set(ours_kwargs(error.kwargs)) | {"nesterov"}
+        opt = case.ours(**ours_kwargs(error.kwargs))
+        if error.params:  # an error about parameters, raised before any state exists
+            params = _tree({path: mx.ones(shape) for path, shape in error.params})
+            try:
+                opt.init(params)
+            finally:
+                assert opt.state["param_state"] == {}
+    # The message names our argument (or parameter), not only torch's wording.
+    names = set(ours_kwargs(error.kwargs)) | {"nesterov"} | {path for path, _ in error.params}
     assert any(name in str(info.value) for name in names), str(info.value)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_group_hyperparameter_raises(case):
-    with pytest.raises(ValueError, match="Invalid learning rate: -1"):
+    # torch words it "Invalid learning rate: -1" or "Learning rate should be >= 0 but is: -1".
+    with pytest.raises(ValueError, match="(Invalid learning rate|Learning rate should be >= 0 but is): -1"):
         case.ours(groups=[{"params": "*.bias", "learning_rate": -1}])
 
 
@@ -54,6 +61,12 @@ def test_structural_zero_cannot_be_turned_on_later():
     assert opt.momentum.item() == pytest.approx(0.9)  # unchanged by the refused value
 
 
+def _tree(flat: dict) -> dict:
+    from mlx.utils import tree_unflatten
+
+    return tree_unflatten(list(flat.items()))
+
+
 def _snapshot(tree):
     from mlx.utils import tree_flatten
 
@@ -63,6 +76,8 @@ def _snapshot(tree):
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 @pytest.mark.parametrize("bad", ["unknown key", "wrong shape", "not an array"])
 def test_malformed_gradients_change_nothing(case, bad):
+    if "test_malformed_gradients_change_nothing" in case.test_skips:
+        pytest.skip(case.test_skips["test_malformed_gradients_change_nothing"])
     params = {"w": mx.ones((3, 2)), "b": mx.ones((2,))}
     opt = case.ours()
     good = {"w": mx.full((3, 2), 0.5), "b": mx.full((2,), 0.5)}

@@ -4,10 +4,14 @@ from . import schedulers as lr_scheduler
 from . import swa_utils
 from ._base import Optimizer, ParamGroup
 from .adadelta import Adadelta
+from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
 from .asgd import ASGD
+from .lbfgs import LBFGS
+from .minimize import OptimizeResult, minimize
+from .muon import Muon, muon_with_adamw
 from .nadam import NAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
@@ -18,12 +22,15 @@ from .schedulers import (
     ReduceLROnPlateau, Schedule, SequentialLR, StepLR,
 )
 from .sgd import SGD
+from .sparse import RowSparseGrad, embedding_value_and_grad
+from .sparse_adam import SparseAdam
 from .swa_utils import SWALR, AveragedModel
 
 __all__ = [
     "Optimizer", "ParamGroup",
     "SGD", "Adam", "AdamW", "Adamax", "RMSprop", "NAdam", "RAdam", "Adagrad", "Adadelta",
-    "ASGD", "Rprop",
+    "ASGD", "Rprop", "LBFGS", "minimize", "OptimizeResult",
+    "Adafactor", "Muon", "muon_with_adamw", "SparseAdam", "RowSparseGrad", "embedding_value_and_grad",
     "lr_scheduler", "swa_utils", "Schedule", "LambdaLR", "MultiplicativeLR", "StepLR",
     "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR", "SequentialLR", "CosineAnnealingLR",
     "ChainedScheduler", "ReduceLROnPlateau", "CyclicLR", "CosineAnnealingWarmRestarts",

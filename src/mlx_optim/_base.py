@@ -14,6 +14,16 @@ State layout (all arrays, created eagerly, so ``mx.compile`` traces once and
     state["param_groups"]         one dict of values per extra group (when groups are given)
     state["param_state"]          a tree mirroring the parameters; each leaf is a dict
                                   {"step": int32, <torch's state names>: arrays}
+    state["step_classes"]         one int32 step array per set of parameters whose steps
+                                  are known to be equal; their slots share that array
+
+Sharing steps is for speed: each parameter keeps its own counter (torch's semantics: a
+parameter missing from a gradient tree does not advance), but parameters that have
+always been stepped together hold one array, so scalar work that depends on the step
+(bias corrections...) is traced once per set instead of once per parameter (measured:
+a third of an Adam step over 66 tensors). A set splits, Python-side, when a gradient tree
+holds only some of it; the split appends to ``step_classes``, which changes the state's
+structure, so a step compiled before the split retraces instead of running stale.
 """
 
 from __future__ import annotations
@@ -27,13 +37,14 @@ import mlx.optimizers as mlx_optim
 
 from ._math import cast
 from ._validate import Rule, check, scalar_value
+from .sparse import RowSparseGrad
 
 # Values of these types are structural switches (they change the traced computation);
 # every other hyperparameter is held as an array in the state.
 _STATIC_TYPES = (bool, str, type(None))
 # Handled by the base itself, never passed to an optimizer's update function.
 _BASE_KEYS = ("maximize", "weight_decay", "decoupled_weight_decay")
-_RESERVED = ("step", "param_groups", "param_state")
+_RESERVED = ("step", "param_groups", "param_state", "step_classes")
 
 
 def _is_static(value: Any) -> bool:
@@ -141,7 +152,7 @@ class Optimizer(mlx_optim.Optimizer):
 
     Subclasses set ``rules`` (validation, see ``_validate``), ``update_fn`` (the pure
     update: ``update_fn(param, grad, state, **hyperparameters) -> (param, state)``) and
-    ``init_state(param, hyperparameters) -> dict``, and call ``super().__init__`` with
+    ``init_state(param, hyper, active) -> dict``, and call ``super().__init__`` with
     their hyperparameters in torch's names (``learning_rate`` for ``lr``).
 
     Args shared by every optimizer:
@@ -154,6 +165,19 @@ class Optimizer(mlx_optim.Optimizer):
 
     rules: tuple[Rule, ...] = ()
     update_fn: Callable[..., tuple[mx.array, dict]]
+    # Numeric hyperparameters that fix the computation's structure (Muon's ns_steps): held
+    # as Python values like flags, so changing one retraces a compiled step.
+    static_hyperparameters: tuple[str, ...] = ()
+    # True when update_fn applies weight decay itself, because the decay must come at a
+    # particular point of its math (Adafactor reads the parameter's RMS before decaying).
+    # It then receives ``weight_decay``: an array, or None when the group's is zero.
+    own_weight_decay: bool = False
+    # Row-sparse gradients (RowSparseGrad) accepted: update_fn then runs on the gathered
+    # rows of the parameter and of every state array shaped like it.
+    row_sparse: bool = False
+    # torch's lazy (SparseAdam) semantics for dense gradients too: a row whose gradient is
+    # all zero leaves the parameter and its state rows as they were.
+    lazy_rows: bool = False
     # Hyperparameters whose being zero removes work from the step (weight decay, SGD's
     # momentum buffer). Whether each is zero is fixed when the optimizer is built, so a
     # compiled step keeps one structure.
@@ -186,11 +210,13 @@ class Optimizer(mlx_optim.Optimizer):
             self._group_selectors.append(_selector(selector, i))
             self._add_group({**self._defaults, **group})
         self._state["param_state"] = {}
+        self._state["step_classes"] = []
+        self._class_of: dict[str, int] | None = {}  # dotted path -> index in step_classes
         if len(self._group_values) > 1:
             self._state["param_groups"] = [{} for _ in self._group_values[1:]]
         for index, values in enumerate(self._group_values):
             for name, value in values.items():
-                if not _is_static(value):
+                if not self._is_static(name, value):
                     self._store(index, name, value)
 
     # ----------------------------------------------------------------- hyperparameters
@@ -204,6 +230,9 @@ class Optimizer(mlx_optim.Optimizer):
 
     def _validate_group(self, values: dict[str, Any]) -> None:
         """Checks that involve several arguments (e.g. SGD's nesterov); override."""
+
+    def _is_static(self, name: str, value: Any) -> bool:
+        return name in self.static_hyperparameters or _is_static(value)
 
     def _store(self, index: int, name: str, value: Any) -> None:
         """Write an array hyperparameter (or register its schedule) into the state."""
@@ -223,7 +252,7 @@ class Optimizer(mlx_optim.Optimizer):
 
     def _get_hyper(self, index: int, name: str) -> Any:
         value = self._group_values[index][name]
-        if _is_static(value):
+        if self._is_static(name, value):
             return value
         source = self._state if index == 0 else self._state["param_groups"][index - 1]
         stored = source[name]
@@ -245,7 +274,7 @@ class Optimizer(mlx_optim.Optimizer):
         check(self.rules, candidate)
         self._validate_group(candidate)
         values[name] = value
-        if not _is_static(value):
+        if not self._is_static(name, value):
             self._store(index, name, value)
 
     @property
@@ -301,9 +330,19 @@ class Optimizer(mlx_optim.Optimizer):
                 continue
             if self._slot(keys) is None:
                 created.append((keys, param))
+        for keys, param in created:  # every check before any state is created
+            self._check_parameter(_dotted(keys), param)
+        if created and self._class_of is None:
+            self._rebuild_step_classes()
+        new_classes: dict[tuple, int] = {}
         for keys, param in created:
-            index = self._group_of(_dotted(keys), param)
-            slot = {"step": mx.array(0, dtype=mx.int32)}
+            path = _dotted(keys)
+            index = self._group_of(path, param)
+            cls = new_classes.get((index, param.dtype))
+            if cls is None:
+                cls = new_classes[(index, param.dtype)] = self._new_step_class(mx.array(0, dtype=mx.int32))
+            self._class_of[path] = cls
+            slot = {"step": self._state["step_classes"][cls]}
             slot.update(self.init_state(param, self._hypers(index), self._active[index]))
             self._put_slot(keys, slot)
         if len(self._group_selectors) > 1 and created:
@@ -312,6 +351,53 @@ class Optimizer(mlx_optim.Optimizer):
             if unused and not self._initialized:
                 raise ValueError(f"groups {unused} select no parameter; check their 'params' selectors")
         self._initialized = True
+
+    # ----------------------------------------------------------------- shared steps
+    def _new_step_class(self, step: mx.array) -> int:
+        self._state["step_classes"].append(step)
+        return len(self._state["step_classes"]) - 1
+
+    def _split_step_classes(self, present: set[str]) -> None:
+        """Parameters stepped now leave a set whose other members are not stepped."""
+        members: dict[int, list[str]] = {}
+        for path, cls in self._class_of.items():
+            members.setdefault(cls, []).append(path)
+        for cls, paths in members.items():
+            stepped = [p for p in paths if p in present]
+            if stepped and len(stepped) < len(paths):
+                new = self._new_step_class(self._state["step_classes"][cls])
+                for path in stepped:
+                    self._class_of[path] = new
+
+    def _rebuild_step_classes(self) -> None:
+        """After the state was replaced (loaded): sets from the values themselves.
+
+        Slots whose step and scalar state are equal, in the same group and dtype, share.
+        """
+        self._class_of, by_value = {}, {}
+        self._state["step_classes"] = []
+        for keys, slot in _slots(self._state["param_state"]):
+            path = _dotted(keys)
+            scalars = tuple(sorted((k, v.item()) for k, v in slot.items() if v.ndim == 0))
+            big = next((v for v in slot.values() if v.ndim), slot["step"])
+            key = (self._group_cache.get(path, path), str(big.dtype), scalars)
+            if key not in by_value:
+                by_value[key] = self._new_step_class(slot["step"])
+            self._class_of[path] = by_value[key]
+            slot["step"] = self._state["step_classes"][by_value[key]]
+
+    @property
+    def state(self) -> dict:
+        return self._state
+
+    @state.setter
+    def state(self, state: dict) -> None:
+        self._initialized = False
+        self._state = state
+        self._class_of = None  # rebuilt from the values at the next step
+
+    def _check_parameter(self, path: str, param: mx.array) -> None:
+        """Raise ``ValueError`` for a parameter this optimizer cannot update (Muon: not 2-D)."""
 
     def _slot(self, keys: tuple) -> dict | None:
         try:
@@ -361,7 +447,15 @@ class Optimizer(mlx_optim.Optimizer):
         return pairs
 
     def _check_gradient(self, path: str, grad: Any, param: mx.array) -> None:
-        if not isinstance(grad, mx.array):
+        if isinstance(grad, RowSparseGrad):
+            if not self.row_sparse:
+                raise ValueError(f"{type(self).__name__} does not support row-sparse gradients "
+                                 f"(gradient for {path!r}); pass a dense mx.array")
+            # Decay would touch every row, which a row-sparse step must not (torch's words).
+            if self._active[self._group_of(path, param)].get("weight_decay", False):
+                raise ValueError(f"weight_decay option is not compatible with sparse gradients "
+                                 f"(gradient for {path!r}; build with weight_decay=0)")
+        elif not isinstance(grad, mx.array):
             raise ValueError(f"gradient for {path!r} must be an mx.array, got {type(grad).__name__}")
         if grad.shape != param.shape:
             raise ValueError(
@@ -380,6 +474,13 @@ class Optimizer(mlx_optim.Optimizer):
         missing = [(k, p) for k, _, p in pairs if self._slot(k) is None]
         if missing:
             self.init(_rebuild_missing(missing))
+        if self._class_of is None:
+            self._rebuild_step_classes()
+        paths = [_dotted(keys) for keys, _, _ in pairs]
+        self._split_step_classes(set(paths))
+        classes = self._state["step_classes"]
+        for cls in {self._class_of[path] for path in paths}:
+            classes[cls] = classes[cls] + 1
         step = self._state["step"]
         for (index, name, element), schedule in self._schedules.items():
             target = self._state if index == 0 else self._state["param_groups"][index - 1]
@@ -389,34 +490,95 @@ class Optimizer(mlx_optim.Optimizer):
             else:
                 target[name][element] = value
         self._state["step"] = step + 1
-        updated = []
-        for keys, grad, param in pairs:
-            index = self._group_of(_dotted(keys), param)
-            updated.append(self._apply_one(grad, param, self._slot(keys), index))
+        updated, shared_scalars = [], {}
+        for (keys, grad, param), path in zip(pairs, paths):
+            slot = self._slot(keys)
+            cls = self._class_of[path]
+            slot["step"] = classes[cls]
+            index = self._group_of(path, param)
+            updated.append(self._apply_one(grad, param, slot, index, shared_scalars.setdefault(cls, {})))
         return _rebuild(gradients, iter(updated))
 
-    def _apply_one(self, grad: Any, param: mx.array, slot: dict, index: int) -> mx.array:
+    def _apply_one(self, grad: Any, param: mx.array, slot: dict, index: int, shared: dict) -> mx.array:
+        """One parameter's step. ``slot["step"]`` is already advanced. ``shared`` holds the
+        scalar (0-d) state, old and new, of the first parameter of the same step set:
+        equal to this one's by construction, so it is reused rather than traced again."""
+        if isinstance(grad, RowSparseGrad):
+            return self._apply_rows(grad, param, slot, index)
         hyper = self._hypers(index)
         cdt = _compute_dtype(param.dtype)
         p = _cast(param, cdt)
         g = self._prepare_gradient(grad, cdt)
         if hyper.get("maximize", False):
             g = -g
-        if self._active[index].get("weight_decay", False):
+        decay = self._active[index].get("weight_decay", False)
+        if decay and not self.own_weight_decay:
             wd = hyper["weight_decay"]
             if hyper.get("decoupled_weight_decay", False):
                 p = p * cast(1 - hyper["learning_rate"] * wd, p)
             else:
                 g = g + cast(wd, p) * p
         # bf16/fp16 state is updated in float32 too; float32/float64 state as it is.
-        state = {k: _cast(v, _compute_dtype(v.dtype)) if mx.issubdtype(v.dtype, mx.floating) else v
-                 for k, v in slot.items()}
-        state["step"] = slot["step"] + 1
-        kwargs = {k: v for k, v in hyper.items() if k not in _BASE_KEYS}
-        new_p, new_state = self.update_fn(p, g, state, **kwargs)
+        old_scalars, new_scalars = shared.setdefault("old", {}), shared.setdefault("new", {})
+        state = {}
+        for key, value in slot.items():
+            if value.ndim == 0 and key != "step":
+                value = old_scalars.setdefault(key, value)  # one input per set: traced once
+            floating = mx.issubdtype(value.dtype, mx.floating)
+            state[key] = _cast(value, _compute_dtype(value.dtype)) if floating else value
+        new_p, new_state = self.update_fn(p, g, state, **self._update_kwargs(hyper, index, decay))
+        if self.lazy_rows:
+            touched = _touched_rows(g)
+            new_p = mx.where(touched, new_p, p)
+            new_state = {k: mx.where(touched, v, state[k]) if _is_table(k, v, p) else v
+                         for k, v in new_state.items()}
         for key, value in new_state.items():
+            if key == "step":
+                continue
+            if value.ndim == 0 and slot[key].ndim == 0:
+                value = new_scalars.setdefault(key, value)
             slot[key] = _cast(value, slot[key].dtype)
         return _cast(new_p, param.dtype)
+
+    def _update_kwargs(self, hyper: dict, index: int, decay: bool) -> dict:
+        """update_fn's keyword arguments: a structural zero that is zero arrives as None,
+        so the update function leaves its term out of the traced computation."""
+        active = self._active[index]
+        kwargs = {k: (v if active.get(k, True) else None)
+                  for k, v in hyper.items() if k not in _BASE_KEYS}
+        if self.own_weight_decay:
+            kwargs["weight_decay"] = hyper["weight_decay"] if decay else None
+        return kwargs
+
+    def _apply_rows(self, grad: RowSparseGrad, param: mx.array, slot: dict, index: int) -> mx.array:
+        """update_fn on the rows ``grad`` touches; its cost grows with those rows only.
+
+        Eager: the rows are gathered, updated and evaluated, then written into new handles
+        of the tables. The old tables are then referenced by those writes alone, so MLX
+        reuses their buffers instead of copying the whole table (DESIGN.md, section 7).
+        An empty gradient still counts a step (``slot["step"]`` has advanced), as in torch.
+        """
+        hyper = self._hypers(index)
+        grad = grad.coalesce()  # the update is non-linear: duplicate rows are summed first
+        if grad.indices.size == 0:
+            return param
+        rows = grad.indices
+        cdt = _compute_dtype(param.dtype)
+        g = _cast(grad.values, cdt)
+        if hyper.get("maximize", False):
+            g = -g
+        tables = [k for k, v in slot.items() if _is_table(k, v, param)]
+        state = {k: slot[k][rows] if k in tables else v for k, v in slot.items()}
+        state = {k: _cast(v, _compute_dtype(v.dtype)) if mx.issubdtype(v.dtype, mx.floating) else v
+                 for k, v in state.items()}
+        new_rows, new_state = self.update_fn(_cast(param[rows], cdt), g, state,
+                                             **self._update_kwargs(hyper, index, False))
+        new_rows = _cast(new_rows, param.dtype)
+        new_state = {k: _cast(new_state[k], slot[k].dtype) for k in tables}
+        mx.eval(new_rows, new_state)  # detach the new rows from the old tables
+        for key in tables:
+            slot[key] = _write_rows(slot[key], rows, new_state[key])
+        return _write_rows(param, rows, new_rows)
 
     def _prepare_gradient(self, grad: Any, dtype: mx.Dtype) -> mx.array:
         return _cast(grad, dtype)
@@ -435,6 +597,36 @@ def is_slot(node: Any) -> bool:
     Mirror nodes hold dicts and lists only; a slot holds its ``step`` array.
     """
     return isinstance(node, dict) and isinstance(node.get("step"), mx.array)
+
+
+def _is_table(key: str, value: mx.array, param: mx.array) -> bool:
+    """A state array with one entry per parameter element, so one row per row."""
+    return key != "step" and value.shape == param.shape
+
+
+def _touched_rows(grad: mx.array) -> mx.array:
+    """Whether each row (first axis) of ``grad`` has a non-zero, broadcastable to ``grad``."""
+    if grad.ndim < 2:
+        return grad != 0
+    return mx.any(grad != 0, axis=tuple(range(1, grad.ndim)), keepdims=True)
+
+
+def _write_rows(table: mx.array, rows: mx.array, values: mx.array) -> mx.array:
+    out = mx.array(table)  # a new handle: the caller's array is never written into
+    out[rows] = values
+    return out
+
+
+def _slots(tree: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, dict]]:
+    """(key path, slot) for every parameter's state in a ``param_state`` tree."""
+    if is_slot(tree):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for key, sub in tree.items():
+            yield from _slots(sub, prefix + (key,))
+    elif isinstance(tree, list):
+        for i, sub in enumerate(tree):
+            yield from _slots(sub, prefix + (i,))
 
 
 def map_slots(fn: Callable[[dict], Any], tree: Any) -> Any:

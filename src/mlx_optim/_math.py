@@ -34,3 +34,25 @@ def ema_square(avg: mx.array, grad: mx.array, decay: mx.array) -> mx.array:
 def bias_correction(beta: mx.array, step: mx.array) -> mx.array:
     """``1 - beta**step`` for an integer step array, at ``beta``'s precision."""
     return 1 - beta ** step.astype(beta.dtype)
+
+
+def newton_schulz(matrix: mx.array, coefficients: tuple[float, float, float], steps: int,
+                  eps: mx.array) -> mx.array:
+    """The orthogonalisation of a 2-D ``matrix`` (about ``U V^T`` of its SVD), in bfloat16.
+
+    ``steps`` quintic iterations ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``, after
+    ``X = M / max(||M||_F, eps)``; a tall matrix is transposed so that ``A`` is the
+    smaller Gram matrix. bfloat16 and fused ``addmm`` as torch's Muon, so the rounding
+    matches torch's as closely as two backends allow.
+    """
+    a, b, c = coefficients
+    x = matrix.astype(mx.bfloat16)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    norm = mx.sqrt(mx.sum(mx.square(x.astype(mx.float32)))).astype(mx.bfloat16)
+    x = x / mx.maximum(norm, eps.astype(mx.bfloat16))
+    for _ in range(steps):
+        gram = x @ x.T
+        x = mx.addmm(x, mx.addmm(gram, gram, gram, alpha=c, beta=b), x, beta=a)
+    return x.T if tall else x

@@ -33,6 +33,14 @@ def at_least(arg: str, bound: float, message: str, index: int | None = None) -> 
     return Rule(arg, lambda v: v >= bound, message, f"{_name(arg, index)} must be >= {bound}", index)
 
 
+def at_most(arg: str, bound: float, message: str, index: int | None = None) -> Rule:
+    return Rule(arg, lambda v: v <= bound, message, f"{_name(arg, index)} must be <= {bound}", index)
+
+
+def greater_than(arg: str, bound: float, message: str, index: int | None = None) -> Rule:
+    return Rule(arg, lambda v: v > bound, message, f"{_name(arg, index)} must be > {bound}", index)
+
+
 def in_range(arg: str, low: float, high: float, message: str, *, high_open: bool = False,
              index: int | None = None) -> Rule:
     close = ")" if high_open else "]"
@@ -84,6 +92,8 @@ def check(rules: Iterable[Rule], values: Mapping[str, Any]) -> None:
             if not isinstance(raw, (tuple, list)) or len(raw) <= rule.index:
                 raise TypeError(f"{rule.arg} must be a tuple, got {raw!r}")
             raw = raw[rule.index]
+        if raw is None:  # an optional value left at its default (Adafactor's eps[0])
+            continue
         shown = raw if isinstance(raw, (int, float)) else scalar_value(rule.arg, raw)
         value = scalar_value(_name(rule.arg, rule.index), raw)
         if math.isnan(value) or not rule.ok(value):

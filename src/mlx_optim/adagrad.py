@@ -39,6 +39,9 @@ class Adagrad(Optimizer):
     Example:
         >>> opt = mlx_optim.Adagrad(learning_rate=0.1, lr_decay=1e-4)
 
+    Gradients may be a :class:`~mlx_optim.RowSparseGrad` (eager; only its rows change, with
+    weight_decay=0), as torch's accept sparse gradients.
+
     Differences: ``mlx.optimizers.Adagrad`` uses ``eps=1e-8`` and has no ``lr_decay``,
     ``initial_accumulator_value`` or ``weight_decay``.
 
@@ -50,6 +53,7 @@ class Adagrad(Optimizer):
              v.at_least("lr_decay", 0.0, "Invalid lr_decay value: {value}"),
              v.at_least("initial_accumulator_value", 0.0,
                         "Invalid initial_accumulator_value value: {value}"))
+    row_sparse = True  # a RowSparseGrad updates its rows only (as torch's sparse gradients)
     update_fn = staticmethod(adagrad_update)
 
     def __init__(self, learning_rate=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,

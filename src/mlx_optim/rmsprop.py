@@ -19,7 +19,7 @@ def rmsprop_update(param, grad, state, *, learning_rate, alpha, eps, momentum, c
         avg = mx.sqrt(square_avg - mx.square(grad_avg)) + cast(eps, grad)
     else:
         avg = mx.sqrt(square_avg) + cast(eps, grad)
-    if "momentum_buffer" in state:
+    if momentum is not None:  # None: momentum is zero, there is no buffer
         buf = cast(momentum, grad) * state["momentum_buffer"] + grad / avg
         new_state["momentum_buffer"] = buf
         return param - cast(learning_rate, param) * buf, new_state

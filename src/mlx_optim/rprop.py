@@ -15,11 +15,11 @@ def rprop_update(param, grad, state, *, learning_rate, etas, step_sizes):
     etaminus, etaplus = (cast(e, grad) for e in etas)
     step_size_min, step_size_max = (cast(s, grad) for s in step_sizes)
     agreement = grad * state["prev"]
-    factor = mx.where(agreement > 0, etaplus, mx.where(agreement < 0, etaminus, mx.array(1, grad.dtype)))
+    factor = mx.where(agreement > 0, etaplus, mx.where(agreement < 0, etaminus, 1.0))
     step_size = mx.clip(state["step_size"] * factor, step_size_min, step_size_max)
     # After a sign change the step is skipped and the gradient forgotten (torch's
     # `grad[sign.eq(etaminus)] = 0`).
-    grad = mx.where(agreement < 0, mx.array(0, grad.dtype), grad)
+    grad = mx.where(agreement < 0, 0.0, grad)
     new_param = param - mx.sign(grad) * step_size
     return new_param, {**state, "prev": grad, "step_size": step_size}
 

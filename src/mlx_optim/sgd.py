@@ -10,13 +10,16 @@ from ._math import cast
 
 
 def sgd_update(param, grad, state, *, learning_rate, momentum, dampening, nesterov):
-    """One SGD step; ``state`` holds ``momentum_buffer`` when momentum is in use."""
-    if "momentum_buffer" in state:
-        # torch's first step sets the buffer to the gradient itself (no dampening); the
-        # buffer starts at zero, so only the gradient's coefficient has to change.
-        first = state["step"] == 1
-        grad_weight = mx.where(first, mx.array(1, momentum.dtype), 1 - dampening)
-        buf = cast(momentum, grad) * state["momentum_buffer"] + cast(grad_weight, grad) * grad
+    """One SGD step. ``momentum`` (and ``dampening``) is None when zero: no buffer."""
+    if momentum is not None:
+        buf = cast(momentum, grad) * state["momentum_buffer"]
+        if dampening is None:
+            buf = buf + grad
+        else:
+            # torch's first step sets the buffer to the gradient itself (no dampening);
+            # the buffer starts at zero, so only the gradient's coefficient changes.
+            grad_weight = mx.where(state["step"] == 1, 1.0, 1 - dampening)
+            buf = buf + cast(grad_weight, grad) * grad
         grad = grad + cast(momentum, grad) * buf if nesterov else buf
         state = {**state, "momentum_buffer": buf}
     return param - cast(learning_rate, param) * grad, state
@@ -47,14 +50,14 @@ class SGD(Optimizer):
 
     Differences: ``mlx.optimizers.SGD`` dampens the first momentum step and needs a
     learning rate; torch (and this class) copy the first gradient into the buffer.
-    Whether momentum and weight decay are zero is fixed at construction.
+    Whether momentum, dampening and weight decay are zero is fixed at construction.
 
     Reference: Sutskever et al., "On the importance of initialization and momentum in
     deep learning", ICML 2013.
     """
 
     rules = (v.LEARNING_RATE, v.MOMENTUM, v.WEIGHT_DECAY)
-    structural_zeros = ("weight_decay", "momentum")
+    structural_zeros = ("weight_decay", "momentum", "dampening")
     update_fn = staticmethod(sgd_update)
 
     def __init__(self, learning_rate=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,

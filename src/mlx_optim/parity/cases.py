@@ -31,6 +31,8 @@ class ErrorCase:
     kwargs: dict
     match: str  # a regex our message must contain (torch's own where torch has one)
     extra: bool = False
+    # ((dotted path, shape), ...): parameters to init with, for errors about parameters.
+    params: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -43,16 +45,17 @@ class Case:
     # (rtol, atol relative to the array's scale) per dtype; loosened only with a reason.
     tolerance: dict = field(default_factory=lambda: {"float32": 1e-5, "float64": 1e-6})
     shapes: tuple = ((4, 3), (3,), (2, 5))
-    grad_kind: str = "dense"
+    grad_kind: str = "dense"  # or "row-sparse": see parity.harness
     skips: dict = field(default_factory=dict)  # config desc -> reason
+    test_skips: dict = field(default_factory=dict)  # generic test name -> reason
 
 
 def C(desc, extra=False, **kwargs):
     return Config(kwargs, desc, extra)
 
 
-def E(match, extra=False, **kwargs):
-    return ErrorCase(kwargs, match, extra)
+def E(match, extra=False, params=(), **kwargs):
+    return ErrorCase(kwargs, match, extra, params)
 
 
 NEG_LR = E(r"Invalid learning rate: -0.1 \(learning_rate must be >= 0", extra=True, lr=-0.1)
@@ -213,6 +216,76 @@ CASES = (
         E(r"Invalid step_sizes values: 1.0, 0.1", extra=True, step_sizes=(1.0, 0.1)),
         NEG_LR, VECTOR_LR,
     )),
+)
+
+# Muon's tests use 2-D parameters only, so generic tests built on vectors skip it.
+MUON_2D_ONLY = "Muon takes 2-D parameters only; this test's tree holds a vector"
+# Muon runs Newton–Schulz in bfloat16 as torch does. MLX's and torch's bf16 matmuls mostly
+# round alike, but where one rounds an element of the orthogonalised update the other way,
+# it differs by a bf16 ulp (2**-8 relative): times lr, over 12 steps, ~1e-5 of the
+# parameters' scale, whatever their dtype. Measured worst: 3.3e-6 (ns_coefficients
+# (3.4, -4.7, 2.0), float32 and float64); the other rows within 2e-7.
+MUON_TOLERANCE = {"float32": 2e-5, "float64": 2e-5}
+
+CASES = CASES + (
+    Case("Adafactor", mlx_optim.Adafactor, torch.optim.Adafactor, (
+        C("default"),
+        C("nonzero weight_decay", weight_decay=0.1, lr=0.01),
+        C("maximize", weight_decay=0.1, maximize=True),
+        C("non-default beta2_decay", beta2_decay=-1.0),
+        C("non-default clipping threshold d", d=1.5),
+        C("eps given, large lr", extra=True, lr=0.5, eps=(1e-6, 1e-2), weight_decay=0.01),
+        C("tensor lr", extra=True, lr=torch.tensor(0.02)),
+    ), errors=(
+        E(r"epsilon1 should be >= 0 but is: -1e-30 \(eps\[0\]", eps=(-1e-30, 1e-3)),
+        E(r"Clipping threshold d should be >= 1 but is: 0.0 \(d must", d=0.0),
+        E(r"beta2_decay should be <= 0 but is: 0.8 \(beta2_decay must be <= 0", beta2_decay=0.8),
+        E(r"epsilon2 should be >= 0 but is: -0.1 \(eps\[1\]", extra=True, eps=(None, -0.1)),
+        E(r"Learning rate should be >= 0 but is: -0.1 \(learning_rate", extra=True, lr=-0.1),
+        E(r"weight_decay should be >= 0 but is: -0.1 \(weight_decay", extra=True, weight_decay=-0.1),
+        VECTOR_LR,
+    ), shapes=((4, 3), (3,), (2, 3, 4))),
+    Case("Muon", mlx_optim.Muon, torch.optim.Muon, (
+        C("default"),
+        C("non-default lr", lr=0.01),
+        C("Tensor lr", lr=torch.tensor(0.001)),
+        C("non-default weight_decay", weight_decay=0.2),
+        C("non-default momentum", momentum=0.8),
+        C("passing alternative ns_steps", ns_steps=6),
+        C("passing alternative ns_coefficients", ns_coefficients=(3.4, -4.7, 2.0)),
+        C("no nesterov, large lr", extra=True, lr=0.05, nesterov=False),
+        C("match_rms_adamw", extra=True, lr=0.01, adjust_lr_fn="match_rms_adamw"),
+        C("original, eps", extra=True, lr=0.01, adjust_lr_fn="original", eps=1e-3),
+    ), errors=(
+        E(r"Adjust learning rate function arbitrary is not supported \(adjust_lr_fn",
+          adjust_lr_fn="arbitrary"),
+        E(r"Muon only supports 2D parameters whereas we found a parameter with size: "
+          r"\(2, 3, 4\) \('blocks.conv'\)", extra=True,
+          params=(("layer.weight", (3, 2)), ("blocks.conv", (2, 3, 4)))),
+        E(r"Muon only supports 2D parameters .* size: \(3,\) \('layer.bias'\)", extra=True,
+          params=(("layer.bias", (3,)),)),
+        E(r"Learning rate should be >= 0 but is: -0.1 \(learning_rate", extra=True, lr=-0.1),
+        E(r"momentum should be >= 0 but is: -0.5 \(momentum", extra=True, momentum=-0.5),
+        E(r"weight decay should be >= 0 but is: -0.1 \(weight_decay", extra=True, weight_decay=-0.1),
+        E(r"Number of steps must be less than 100 .*\(ns_steps", extra=True, ns_steps=100),
+        E(r"Coefficients must be a tuple of exactly 3 values \(ns_coefficients", extra=True,
+          ns_coefficients=(3.4, -4.7)),
+        VECTOR_LR,
+    ), tolerance=MUON_TOLERANCE, shapes=((4, 3), (3, 5), (6, 2)),
+       test_skips={"test_absent_parameter_is_untouched": MUON_2D_ONLY,
+                   "test_malformed_gradients_change_nothing": MUON_2D_ONLY}),
+    Case("SparseAdam", mlx_optim.SparseAdam, torch.optim.SparseAdam, (
+        C("default"),
+        C("non-default lr", lr=0.01),
+        C("Tensor lr", lr=torch.tensor(0.001)),
+        C("maximize", maximize=True),
+        C("betas, eps, large lr", extra=True, lr=0.1, betas=(0.5, 0.9), eps=1e-3),
+    ), errors=(
+        E(r"Invalid beta parameter at index 0: 1.0", lr=0.01, betas=(1.0, 0.0)),
+        E(r"Invalid learning rate: 0.0 \(learning_rate must be > 0", extra=True, lr=0.0),
+        E(r"Invalid epsilon value: 0.0 \(eps must be > 0", extra=True, eps=0.0),
+        BAD_BETA2, VECTOR_LR,
+    ), grad_kind="row-sparse", shapes=((5, 3), (4,), (3, 2, 2))),
 )
 
 BY_NAME = {case.name: case for case in CASES}

@@ -3,6 +3,12 @@
 The gradient of every parameter is ``scale * (p - target) + 0.1 * p**3``, computed from
 the current parameters at each step with the same arithmetic in both frameworks (no
 transcendental functions: mlx's float64 ``sin`` is only float32-accurate).
+
+For a case whose ``grad_kind`` is ``"row-sparse"`` the gradient keeps only some rows at
+each step (:meth:`Problem.touched_rows`; once, no row at all). torch gets them as a sparse
+COO gradient with the first row listed twice (two halves, summed when torch coalesces);
+ours as the equivalent :class:`~mlx_optim.RowSparseGrad` when eager, and as the dense
+gradient with zero rows when compiled (the row-sparse path is eager only).
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import torch
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .cases import ours_kwargs
 
@@ -20,6 +26,7 @@ DTYPES = {"float32": (mx.float32, torch.float32), "float64": (mx.float64, torch.
 class Problem:
     def __init__(self, shapes, seed=0):
         rng = np.random.default_rng(seed)
+        self.shapes = shapes
         self.init = [rng.standard_normal(s) for s in shapes]
         self.target = [rng.standard_normal(s) for s in shapes]
         self.scale = [rng.uniform(0.5, 2.0, s) for s in shapes]
@@ -40,6 +47,39 @@ class Problem:
         return tree_map(lambda p, c: c[1] * (p - c[0]) + 0.1 * p * p * p, params, consts,
                         is_leaf=lambda x: isinstance(x, tuple))
 
+    def touched_rows(self, step):
+        """Per parameter, the rows a row-sparse gradient keeps at ``step``."""
+        return [np.array([r for r in range(shape[0]) if (r + step + i) % 3 and (i, step) != (0, 4)],
+                         dtype=np.int64)
+                for i, shape in enumerate(self.shapes)]
+
+    def mlx_row_sparse(self, grads, rows):
+        """The gradients as RowSparseGrads of ``rows``, the first row given in two halves."""
+        from mlx_optim import RowSparseGrad
+
+        flat = tree_flatten(grads)
+        out = []
+        for (path, g), r in zip(flat, rows):
+            listed = np.concatenate([r[:1], r])
+            values = g[mx.array(listed)] if listed.size else mx.zeros((0, *g.shape[1:]), g.dtype)
+            if listed.size:
+                values = mx.concatenate([values[:2] * 0.5, values[2:]])
+            out.append((path, RowSparseGrad(mx.array(listed), values, g.shape[0])))
+        return tree_unflatten(out)
+
+    def mlx_masked(self, grads, masks):
+        """The dense gradients with the rows outside ``masks`` zeroed (compiles)."""
+        flat = tree_flatten(grads)
+        return tree_unflatten([(path, mx.where(m, g, 0)) for (path, g), m in zip(flat, masks)])
+
+    def row_masks(self, rows, dtype):
+        masks = []
+        for shape, r in zip(self.shapes, rows):
+            mask = np.zeros((shape[0],) + (1,) * (len(shape) - 1), dtype=bool)
+            mask[r] = True
+            masks.append(mx.array(mask))
+        return masks
+
     # -- torch -----------------------------------------------------------------------
     def torch_params(self, dtype):
         return [torch.tensor(a, dtype=dtype, requires_grad=True) for a in self.init]
@@ -51,6 +91,15 @@ class Problem:
                 s = torch.tensor(s, dtype=p.dtype)
                 p.grad = s * (p - t) + 0.1 * p * p * p
 
+    def torch_row_sparse(self, params, rows):
+        """Each ``p.grad`` as an uncoalesced sparse COO gradient of ``rows``."""
+        for p, r in zip(params, rows):
+            listed = torch.tensor(np.concatenate([r[:1], r]), dtype=torch.int64)
+            values = p.grad[listed]
+            if listed.numel():
+                values = torch.cat([values[:2] * 0.5, values[2:]])
+            p.grad = torch.sparse_coo_tensor(listed[None], values, p.shape, check_invariants=True)
+
 
 def run_ours(case, config, dtype_name, steps=12, compiled=False, problem=None, on_step=None):
     """(parameters, optimizer) after ``steps`` closed-loop steps."""
@@ -60,8 +109,13 @@ def run_ours(case, config, dtype_name, steps=12, compiled=False, problem=None, o
     opt = case.ours(**ours_kwargs(config.kwargs))
     opt.init(params)
 
-    def step(params):
-        return opt.apply_gradients(problem.mlx_grads(params), params)
+    sparse = case.grad_kind == "row-sparse"
+
+    def step(params, rows=None):
+        grads = problem.mlx_grads(params)
+        if sparse:
+            grads = problem.mlx_masked(grads, rows) if compiled else problem.mlx_row_sparse(grads, rows)
+        return opt.apply_gradients(grads, params)
 
     if compiled:
         state = [opt.state]
@@ -69,7 +123,10 @@ def run_ours(case, config, dtype_name, steps=12, compiled=False, problem=None, o
     for i in range(steps):
         if on_step:
             on_step(i, opt)
-        params = step(params)
+        rows = problem.touched_rows(i) if sparse else None
+        if sparse and compiled:
+            rows = problem.row_masks(rows, dtype)
+        params = step(params, rows) if sparse else step(params)
         mx.eval(params, opt.state)
     return params, opt
 
@@ -78,34 +135,48 @@ def run_torch(case, config, dtype_name, steps=12, problem=None):
     problem = problem or Problem(case.shapes)
     params = problem.torch_params(DTYPES[dtype_name][1])
     opt = case.torch_cls(params, **config.kwargs)
-    for _ in range(steps):
+    for i in range(steps):
         problem.set_torch_grads(params)
+        if case.grad_kind == "row-sparse":
+            problem.torch_row_sparse(params, problem.touched_rows(i))
         opt.step()
     return params, opt
 
 
-def assert_close(actual, expected, tol, what):
+def scaled_error(actual, expected, what) -> tuple[float, float]:
+    """(max |actual - expected|, the scale it is judged against: max |expected|)."""
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     scale = max(float(np.abs(expected).max()) if expected.size else 0.0, 1e-30)
     err = float(np.abs(actual - expected).max()) if expected.size else 0.0
+    return err, scale
+
+
+def assert_close(actual, expected, tol, what):
+    err, scale = scaled_error(actual, expected, what)
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} x scale {scale:.3g}"
 
 
-def compare_with_torch(params, opt, torch_params, torch_opt, tol):
-    """Parameters and every state array torch keeps must match."""
+def torch_pairs(params, opt, torch_params, torch_opt):
+    """(what, ours, torch's) for every parameter and every state array torch keeps."""
     ours = [a for _, a in tree_flatten(params)]
     slots = [s for _, s in flatten_slots(opt.state["param_state"])]
     assert len(ours) == len(torch_params) == len(slots)
     for i, (a, p) in enumerate(zip(ours, torch_params)):
-        assert_close(a, p.detach().numpy(), tol, f"param {i}")
+        yield f"param {i}", a, p.detach().numpy()
         for key, value in torch_opt.state[p].items():
             if value is None:
                 continue
             assert key in slots[i], f"state {key!r} missing from ours: {sorted(slots[i])}"
             expected = value.detach().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-            assert_close(slots[i][key], expected, tol, f"param {i} state {key}")
+            yield f"param {i} state {key}", slots[i][key], expected
+
+
+def compare_with_torch(params, opt, torch_params, torch_opt, tol):
+    """Parameters and every state array torch keeps must match."""
+    for what, actual, expected in torch_pairs(params, opt, torch_params, torch_opt):
+        assert_close(actual, expected, tol, what)
 
 
 def flatten_slots(tree, prefix=""):

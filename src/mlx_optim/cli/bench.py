@@ -1,0 +1,210 @@
+"""``mlx-optim bench``: compiled step time of each optimizer, ours vs mlx.optimizers vs torch.
+
+A transformer-shaped parameter tree (4 blocks of width 256: about 3.2M parameters in 66
+tensors). Each MLX step is compiled with ``mx.compile(step, inputs=state, outputs=state)``;
+torch runs its ``foreach`` and, where it has one, its ``fused`` CPU kernel. Times are
+medians over interleaved rounds (ours, mlx, torch in turn), so drift on a shared machine
+hits all alike; the table reports ratios. torch is optional (the ``test`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.optimizers as mlx_opt
+
+import mlx_optim
+
+from . import UsageError, check_names, format_table, positive_int
+
+WIDTH, BLOCKS = 256, 4
+
+
+def shapes():
+    block = {
+        "attn": {n: {"weight": (WIDTH, WIDTH), "bias": (WIDTH,)} for n in ("q", "k", "v", "out")},
+        "mlp": {"up": {"weight": (4 * WIDTH, WIDTH), "bias": (4 * WIDTH,)},
+                "down": {"weight": (WIDTH, 4 * WIDTH), "bias": (WIDTH,)}},
+        "norm1": {"weight": (WIDTH,), "bias": (WIDTH,)},
+        "norm2": {"weight": (WIDTH,), "bias": (WIDTH,)},
+    }
+    return {"blocks": [block] * BLOCKS, "final_norm": {"weight": (WIDTH,), "bias": (WIDTH,)}}
+
+
+def _tree(spec, make):
+    if isinstance(spec, dict):
+        return {k: _tree(v, make) for k, v in spec.items()}
+    if isinstance(spec, list):
+        return [_tree(v, make) for v in spec]
+    return make(spec)
+
+
+def flat_shapes() -> list[tuple]:
+    flat = []
+    _tree(shapes(), flat.append)
+    return flat
+
+
+# name: (ours, mlx.optimizers counterpart with the same math or None, torch factory, note)
+PAIRS = {
+    "SGD": (lambda: mlx_optim.SGD(learning_rate=0.01, momentum=0.9),
+            lambda: mlx_opt.SGD(learning_rate=0.01, momentum=0.9),
+            lambda torch, p, **kw: torch.optim.SGD(p, lr=0.01, momentum=0.9, **kw), ""),
+    "Adam": (lambda: mlx_optim.Adam(learning_rate=1e-3),
+             lambda: mlx_opt.Adam(learning_rate=1e-3, bias_correction=True),
+             lambda torch, p, **kw: torch.optim.Adam(p, lr=1e-3, **kw), ""),
+    "AdamW": (lambda: mlx_optim.AdamW(learning_rate=1e-3),
+              lambda: mlx_opt.AdamW(learning_rate=1e-3, bias_correction=True),
+              lambda torch, p, **kw: torch.optim.AdamW(p, lr=1e-3, **kw), ""),
+    "RMSprop": (lambda: mlx_optim.RMSprop(learning_rate=1e-3),
+                lambda: mlx_opt.RMSprop(learning_rate=1e-3, alpha=0.99, eps=1e-8),
+                lambda torch, p, **kw: torch.optim.RMSprop(p, lr=1e-3, **kw), ""),
+    "Adagrad": (lambda: mlx_optim.Adagrad(learning_rate=1e-2),
+                lambda: mlx_opt.Adagrad(learning_rate=1e-2, eps=1e-10),
+                lambda torch, p, **kw: torch.optim.Adagrad(p, lr=1e-2, **kw), ""),
+    "Adadelta": (lambda: mlx_optim.Adadelta(learning_rate=1.0),
+                 lambda: mlx_opt.AdaDelta(learning_rate=1.0, rho=0.9, eps=1e-6),
+                 lambda torch, p, **kw: torch.optim.Adadelta(p, lr=1.0, **kw), ""),
+    "Adamax": (lambda: mlx_optim.Adamax(learning_rate=2e-3),
+               lambda: mlx_opt.Adamax(learning_rate=2e-3),
+               lambda torch, p, **kw: torch.optim.Adamax(p, lr=2e-3, **kw),
+               "mlx's Adamax differs (no bias correction, eps outside the max)"),
+    "NAdam": (lambda: mlx_optim.NAdam(), None,
+              lambda torch, p, **kw: torch.optim.NAdam(p, **kw), "no mlx counterpart"),
+    "RAdam": (lambda: mlx_optim.RAdam(), None,
+              lambda torch, p, **kw: torch.optim.RAdam(p, **kw), "no mlx counterpart"),
+    "ASGD": (lambda: mlx_optim.ASGD(), None,
+             lambda torch, p, **kw: torch.optim.ASGD(p, **kw), "no mlx counterpart"),
+    "Rprop": (lambda: mlx_optim.Rprop(), None,
+              lambda torch, p, **kw: torch.optim.Rprop(p, **kw), "no mlx counterpart"),
+}
+FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}  # torch has fused CPU kernels for these
+
+
+def mlx_runner(make_opt, steps):
+    keys = iter(mx.random.split(mx.random.key(0), 2 * len(flat_shapes())))
+    params = _tree(shapes(), lambda s: 0.02 * mx.random.normal(s, key=next(keys)))
+    grads = _tree(shapes(), lambda s: 1e-3 * mx.random.normal(s, key=next(keys)))
+    opt = make_opt()
+    opt.init(params)
+    holder = {"params": params}
+    state = [opt.state, holder]
+
+    def step(grads):
+        holder["params"] = opt.apply_gradients(grads, holder["params"])
+
+    step = mx.compile(step, inputs=state, outputs=state)
+
+    def run():
+        for _ in range(steps):
+            step(grads)
+        mx.eval(holder["params"], opt.state)
+
+    run()  # compile and warm up
+    return run
+
+
+def torch_runner(torch, factory, steps, **kw):
+    generator = torch.Generator().manual_seed(0)
+    params = [(0.02 * torch.randn(s, generator=generator)).requires_grad_() for s in flat_shapes()]
+    for p in params:
+        p.grad = 1e-3 * torch.randn(p.shape, generator=generator)
+    opt = factory(torch, params, **kw)
+
+    def run():
+        for _ in range(steps):
+            opt.step()
+
+    run()
+    return run
+
+
+def timed(run, steps) -> float:
+    start = time.perf_counter()
+    run()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def measure(rounds: int = 7, steps: int = 20, only: list[str] | None = None,
+            torch=None) -> dict:
+    """Median ms/step per optimizer and implementation: {name: {"ms": {...}, "note": ...}}."""
+    results = {}
+    for name, (ours, theirs, torch_factory, note) in PAIRS.items():
+        if only and name not in only:
+            continue
+        if sys.stderr.isatty():
+            print(f"measuring {name}...\x1b[K", end="\r", file=sys.stderr, flush=True)
+        runners = {"ours": mlx_runner(ours, steps)}
+        if theirs:
+            runners["mlx"] = mlx_runner(theirs, steps)
+        if torch is not None:
+            runners["torch foreach"] = torch_runner(torch, torch_factory, steps, foreach=True)
+            if name in FUSED:
+                runners["torch fused"] = torch_runner(torch, torch_factory, steps, fused=True)
+        samples = {k: [] for k in runners}
+        for _ in range(rounds):
+            for key, run in runners.items():
+                samples[key].append(timed(run, steps))
+        results[name] = {"ms": {k: statistics.median(v) for k, v in samples.items()}, "note": note}
+    return results
+
+
+def table(results: dict) -> str:
+    rows = []
+    for name, result in results.items():
+        ms = result["ms"]
+        ratio = lambda key: f"{ms['ours'] / ms[key]:.2f}x" if key in ms else "—"
+        rows.append((name, f"{ms['ours']:.2f}", ratio("mlx"), ratio("torch foreach"),
+                     ratio("torch fused"), result["note"]))
+    header = ("optimizer", "ours ms/step", "ours / mlx.optimizers", "ours / torch foreach",
+              "ours / torch fused", "note")
+    return format_table(header, rows, right={1, 2, 3, 4})
+
+
+def run(args: argparse.Namespace) -> int:
+    check_names(args.only, list(PAIRS), "optimizer")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UsageError(f"cannot write --json {args.json}: no such directory")
+    try:
+        import torch
+
+        torch.set_num_threads(2)
+    except ImportError:
+        torch = None
+    flat = flat_shapes()
+    n_params = sum(math.prod(s) for s in flat)
+    print(f"{n_params / 1e6:.2f}M parameters in {len(flat)} tensors, {args.rounds} rounds x "
+          f"{args.steps} compiled steps, medians"
+          + ("" if torch else "; torch is not installed, so no torch columns") + "\n")
+    results = measure(args.rounds, args.steps, args.only, torch)
+    print(table(results))
+    if args.json:
+        try:
+            Path(args.json).write_text(json.dumps({"parameters": n_params, "rounds": args.rounds,
+                                                   "steps": args.steps, "results": results},
+                                                  indent=2) + "\n")
+        except OSError as error:
+            raise UsageError(f"cannot write --json {args.json}: {error.strerror or error}") from None
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=positive_int, default=7, help="interleaved rounds")
+    parser.add_argument("--steps", type=positive_int, default=20, help="compiled steps per round")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="optimizer names to measure")
+    parser.add_argument("--json", metavar="FILE", help="also write the results here")
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "bench", help="step time: ours vs mlx.optimizers vs torch, as ratios",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(run=run)

@@ -1,0 +1,132 @@
+"""Row-sparse gradients: torch's sparse COO gradient of ``nn.Embedding(sparse=True)``.
+
+A :class:`RowSparseGrad` stands where a dense gradient would in a gradient tree; the
+optimizers that accept one (:class:`~mlx_optim.SparseAdam`, :class:`~mlx_optim.Adagrad`)
+update only the rows it names, at a cost that grows with those rows, not the table.
+:func:`embedding_value_and_grad` produces them for a model's ``nn.Embedding`` layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+
+class RowSparseGrad:
+    """A gradient that is zero outside the rows ``indices`` of a ``(num_rows, ...)`` table.
+
+    Row ``indices[i]`` of the gradient is ``values[i]``; a row named twice is the sum of its
+    values (torch coalesces the same way). Every row named counts as touched, even if its
+    values are zero, as in torch.
+
+    Args:
+        indices: integer row indices, shape ``(n,)`` (any shape is flattened).
+        values: the rows, shape ``(n, *row_shape)``.
+        num_rows: the table's first dimension.
+
+    Example:
+        >>> grad = RowSparseGrad(mx.array([3, 7, 3]), mx.ones((3, 16)), num_rows=1000)
+        >>> grad.shape
+        (1000, 16)
+    """
+
+    def __init__(self, indices: Any, values: mx.array, num_rows: int):
+        indices = mx.array(indices).reshape(-1)
+        if not mx.issubdtype(indices.dtype, mx.integer):
+            raise ValueError(f"RowSparseGrad indices must be integers, got {indices.dtype}")
+        if values.ndim < 1 or values.shape[0] != indices.size:
+            raise ValueError(f"RowSparseGrad has {indices.size} indices but values of shape "
+                             f"{tuple(values.shape)}; values need one row per index")
+        self.indices, self.values, self.num_rows = indices, values, int(num_rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.num_rows, *self.values.shape[1:])
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.values.dtype
+
+    def coalesce(self) -> "RowSparseGrad":
+        """Unique, sorted indices; the values of a repeated index summed (eager)."""
+        rows, position = np.unique(np.array(self.indices), return_inverse=True)
+        if rows.size and (rows[0] < 0 or rows[-1] >= self.num_rows):
+            raise ValueError(f"RowSparseGrad index out of range [0, {self.num_rows}): "
+                             f"{rows[0] if rows[0] < 0 else rows[-1]}")
+        if rows.size == self.indices.size:
+            order = mx.array(np.argsort(np.array(self.indices), kind="stable"))
+            return RowSparseGrad(mx.array(rows), self.values[order], self.num_rows)
+        summed = mx.zeros((rows.size, *self.values.shape[1:]), self.values.dtype)
+        summed = summed.at[mx.array(position.reshape(-1))].add(self.values)
+        return RowSparseGrad(mx.array(rows), summed, self.num_rows)
+
+    def to_dense(self) -> mx.array:
+        """The full gradient (duplicates summed)."""
+        return mx.zeros(self.shape, self.values.dtype).at[self.indices].add(self.values)
+
+    def __repr__(self) -> str:
+        return f"RowSparseGrad(rows={self.indices.size}, shape={self.shape}, dtype={self.dtype})"
+
+
+class _TappedEmbedding(nn.Embedding):
+    """An nn.Embedding whose output carries a zero ``delta`` we differentiate against."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        delta = self._row_tap
+        if tuple(x.shape) != tuple(delta.shape[:-1]):
+            raise ValueError(f"embedding looked up ids of shape {tuple(x.shape)}; "
+                             f"embedding_value_and_grad expects the ids passed to it, of shape "
+                             f"{tuple(delta.shape[:-1])}")
+        return mx.stop_gradient(self.weight)[x] + delta
+
+
+def embedding_value_and_grad(model: nn.Module, loss_fn: Callable) -> Callable:
+    """``nn.value_and_grad`` with row-sparse gradients for the model's ``nn.Embedding`` layers.
+
+    Returns ``fn(ids, *args, **kwargs) -> (loss, grads)`` calling
+    ``loss_fn(ids, *args, **kwargs)``. Every ``nn.Embedding`` in ``model`` must look up
+    ``ids`` (once); its weight's gradient is a :class:`RowSparseGrad` with one row per id
+    (repeats summed by the optimizer), the gradient torch gives ``nn.Embedding(sparse=True)``.
+    The other trainable parameters get dense gradients. The backward pass never forms a
+    table-sized gradient: it differentiates with respect to the looked-up rows.
+
+    Example:
+        >>> model = nn.Sequential(nn.Embedding(100_000, 64), nn.Linear(64, 1))
+        >>> loss_and_grad = embedding_value_and_grad(
+        ...     model, lambda ids, y: nn.losses.mse_loss(model(ids).squeeze(-1), y))
+        >>> loss, grads = loss_and_grad(ids, y)   # grads["layers"][0]["weight"]: RowSparseGrad
+    """
+    def fn(ids, *args, **kwargs):
+        ids = mx.array(ids)
+        embeddings = [(path, m) for path, m in model.named_modules()
+                      if type(m) is nn.Embedding and "weight" in m.trainable_parameters()]
+        weights = {f"{path}.weight" if path else "weight" for path, _ in embeddings}
+        dense = [(k, v) for k, v in tree_flatten(model.trainable_parameters()) if k not in weights]
+        dense = tree_unflatten(dense) if dense else {}
+        taps = [mx.zeros((*ids.shape, m.weight.shape[1]), m.weight.dtype) for _, m in embeddings]
+
+        def inner(dense_params, taps):
+            model.update(dense_params)
+            for (_, m), tap in zip(embeddings, taps):
+                object.__setattr__(m, "_row_tap", tap)  # an attribute, not a parameter
+            return loss_fn(ids, *args, **kwargs)
+
+        for _, m in embeddings:
+            m.__class__ = _TappedEmbedding
+        try:
+            loss, (dense_grads, tap_grads) = mx.value_and_grad(inner, argnums=(0, 1))(dense, taps)
+        finally:
+            for _, m in embeddings:
+                m.__class__ = nn.Embedding
+                m.__dict__.pop("_row_tap", None)
+        flat = tree_flatten(dense_grads)
+        for (path, m), grad in zip(embeddings, tap_grads):
+            name = f"{path}.weight" if path else "weight"
+            flat.append((name, RowSparseGrad(ids, grad.reshape(-1, grad.shape[-1]), m.weight.shape[0])))
+        return loss, tree_unflatten(flat)
+
+    return fn

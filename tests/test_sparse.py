@@ -1,0 +1,139 @@
+"""Row-sparse gradients: SparseAdam's and Adagrad's lazy rows, the embedding helper."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers
+import numpy as np
+import pytest
+import torch
+from mlx.utils import tree_flatten
+
+import mlx_optim
+from mlx_optim import RowSparseGrad
+from mlx_optim.parity.harness import assert_close
+
+RNG = np.random.default_rng(0)
+TABLE = RNG.standard_normal((10, 4)).astype(np.float32)
+
+
+def _rows_grad(indices, seed=1):
+    values = np.random.default_rng(seed).standard_normal((len(indices), 4)).astype(np.float32)
+    return indices, values
+
+
+@pytest.mark.parametrize("cls", [mlx_optim.SparseAdam, mlx_optim.Adagrad])
+def test_empty_gradient_changes_nothing_but_counts_a_step(cls):
+    opt = cls(learning_rate=0.1)
+    params = {"emb": mx.array(TABLE)}
+    params = opt.apply_gradients({"emb": RowSparseGrad(mx.array([1, 2]), mx.ones((2, 4)), 10)}, params)
+    mx.eval(params, opt.state)
+    before = {k: np.array(v) for k, v in opt.state["param_state"]["emb"].items()}
+    after = opt.apply_gradients({"emb": RowSparseGrad(mx.zeros((0,), mx.int32), mx.zeros((0, 4)), 10)},
+                                params)
+    np.testing.assert_array_equal(np.array(after["emb"]), np.array(params["emb"]))
+    for key, value in opt.state["param_state"]["emb"].items():
+        if key == "step":
+            assert value.item() == 2  # torch counts the step too
+        else:
+            np.testing.assert_array_equal(np.array(value), before[key], err_msg=key)
+
+
+def test_duplicate_indices_are_summed_and_other_rows_untouched():
+    indices, values = _rows_grad([7, 2, 7, 7])
+    opt_rows, opt_dense = mlx_optim.SparseAdam(learning_rate=0.1), mlx_optim.SparseAdam(learning_rate=0.1)
+    grad = RowSparseGrad(mx.array(indices), mx.array(values), 10)
+    dense = np.zeros((10, 4), np.float32)
+    np.add.at(dense, indices, values)
+    np.testing.assert_allclose(np.array(grad.to_dense()), dense, rtol=1e-6)
+    by_rows = opt_rows.apply_gradients({"e": grad}, {"e": mx.array(TABLE)})["e"]
+    by_dense = opt_dense.apply_gradients({"e": mx.array(dense)}, {"e": mx.array(TABLE)})["e"]
+    np.testing.assert_allclose(np.array(by_rows), np.array(by_dense), rtol=1e-6)
+    changed = np.flatnonzero(np.any(np.array(by_rows) != TABLE, axis=1))
+    assert changed.tolist() == [2, 7]
+    moments = np.array(opt_rows.state["param_state"]["e"]["exp_avg"])
+    assert np.flatnonzero(np.any(moments != 0, axis=1)).tolist() == [2, 7]
+
+
+def _torch_sparse(indices, values):
+    return torch.sparse_coo_tensor(torch.tensor([indices]), torch.tensor(values), (10, 4),
+                                   check_invariants=True)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"lr": 0.5, "lr_decay": 0.1, "initial_accumulator_value": 0.2},
+                                    {"lr": 0.1, "maximize": True, "eps": 1e-3}])
+def test_adagrad_row_sparse_equals_torch(kwargs):
+    from mlx_optim.parity.cases import ours_kwargs
+
+    tparam = torch.tensor(TABLE, requires_grad=True)
+    topt = torch.optim.Adagrad([tparam], **kwargs)
+    opt = mlx_optim.Adagrad(**ours_kwargs(kwargs))
+    params = {"e": mx.array(TABLE)}
+    for step in range(6):
+        indices, values = _rows_grad([step % 10, 3, (step * 7) % 10, 3], seed=step)
+        tparam.grad = _torch_sparse(indices, values)
+        topt.step()
+        params = opt.apply_gradients({"e": RowSparseGrad(mx.array(indices), mx.array(values), 10)}, params)
+        mx.eval(params, opt.state)
+    assert_close(params["e"], tparam.detach().numpy(), 1e-6, "param")
+    assert_close(opt.state["param_state"]["e"]["sum"], topt.state[tparam]["sum"].numpy(), 1e-6, "sum")
+
+
+def test_row_sparse_refuses_weight_decay_and_other_optimizers():
+    grad = {"e": RowSparseGrad(mx.array([1]), mx.ones((1, 4)), 10)}
+    params = {"e": mx.array(TABLE)}
+    with pytest.raises(ValueError, match="weight_decay option is not compatible with sparse gradients"):
+        mlx_optim.Adagrad(weight_decay=0.1).apply_gradients(grad, params)
+    with pytest.raises(ValueError, match="Adam does not support row-sparse gradients"):
+        mlx_optim.Adam().apply_gradients(grad, params)
+    with pytest.raises(ValueError, match=r"gradient for 'e' has shape \(12, 4\)"):
+        mlx_optim.SparseAdam().apply_gradients({"e": RowSparseGrad(mx.array([1]), mx.ones((1, 4)), 12)}, params)
+
+
+class Bag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(50, 4)
+        self.out = nn.Linear(4, 1)
+
+    def __call__(self, ids):
+        return self.out(self.embedding(ids).mean(axis=1)).squeeze(-1)
+
+
+def test_embedding_helper_gives_the_dense_gradient_in_rows():
+    mx.random.seed(0)
+    model = Bag()
+    ids = mx.array([[1, 5, 5], [7, 1, 9]])
+    y = mx.array([0.5, -1.0])
+    loss_fn = lambda ids, y: nn.losses.mse_loss(model(ids), y)
+    loss, grads = mlx_optim.embedding_value_and_grad(model, loss_fn)(ids, y)
+    dense_loss, dense = nn.value_and_grad(model, lambda m: loss_fn(ids, y))(model)
+    assert loss.item() == pytest.approx(dense_loss.item(), rel=1e-6)
+    sparse = grads["embedding"]["weight"]
+    assert isinstance(sparse, RowSparseGrad) and sparse.indices.size == 6  # one row per id, as torch
+    np.testing.assert_allclose(np.array(sparse.to_dense()), np.array(dense["embedding"]["weight"]), atol=1e-7)
+    for (path, a), (_, b) in zip(tree_flatten(grads["out"]), tree_flatten(dense["out"])):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6, err_msg=path)
+    # The model is restored: a plain nn.Embedding, no stray attribute or parameter.
+    assert type(model.embedding) is nn.Embedding and "_row_tap" not in model.embedding.__dict__
+    assert sorted(k for k, _ in tree_flatten(model.parameters())) == [
+        "embedding.weight", "out.bias", "out.weight"]
+
+
+def test_embedding_training_moves_only_looked_up_rows():
+    mx.random.seed(1)
+    model = Bag()
+    before = np.array(model.embedding.weight)
+    opt = mlx.optimizers.MultiOptimizer([mlx_optim.SparseAdam(learning_rate=0.05), mlx_optim.Adam(learning_rate=0.05)],
+                                        [lambda path, g: path.startswith("embedding")])
+    loss_and_grad = mlx_optim.embedding_value_and_grad(model, lambda ids, y: nn.losses.mse_loss(model(ids), y))
+    ids, y = mx.array([[3, 4], [4, 8]]), mx.array([1.0, -1.0])
+    losses = []
+    for _ in range(20):
+        loss, grads = loss_and_grad(ids, y)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+        losses.append(loss.item())
+    after = np.array(model.embedding.weight)
+    assert np.flatnonzero(np.any(after != before, axis=1)).tolist() == [3, 4, 8]
+    assert losses[-1] < 0.2 * losses[0]
+
