@@ -14,7 +14,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest
 
 demo: $(VENV)/.installed
-	$(PY) -m mlx_optim.demo
+	$(VENV)/bin/mlx-optim compare --out out/demo
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/step_time.py

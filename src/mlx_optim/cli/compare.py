@@ -38,6 +38,7 @@ class Recipe:
     learning_rate: dict = field(default_factory=dict)  # task -> peak rate; else the default
     scheduled: bool = True  # warmup + cosine decay of the learning rate
     full_batch: bool = False  # methods that need the same function at every step
+    make: object = None  # (model, kwargs) -> optimizer, where the class alone does not fit a model
 
 
 NO_DECAY_ON_BIASES = [{"params": "*.bias", "weight_decay": 0.0}]
@@ -53,10 +54,16 @@ RECIPES = {
     "Adagrad": Recipe(learning_rate={"digits": 0.05, "chars": 0.05, "curve": 0.1}),
     "Adadelta": Recipe(learning_rate={"digits": 1.0, "chars": 1.0, "curve": 1.0}),
     "ASGD": Recipe(learning_rate={"digits": 0.05, "chars": 0.1, "curve": 0.05}),
+    # Muon takes 2-D weights only: AdamW gets the biases, embeddings and output head.
+    "Muon": Recipe(learning_rate={"digits": 0.02, "chars": 0.02, "curve": 0.02},
+                   make=lambda model, kwargs: mlx_optim.muon_with_adamw(
+                       model, muon=kwargs,
+                       adamw={"learning_rate": lambda step: kwargs["learning_rate"](step) / 10})),
     # Rprop's learning rate only seeds its step sizes; its sign rule wants full batches.
     "Rprop": Recipe(learning_rate={"curve": 1e-3}, scheduled=False, full_batch=True),
-    # One L-BFGS iteration per step, so steps compare; history persists across steps.
-    "LBFGS": Recipe(dict(max_iter=1, history_size=20, line_search_fn="strong_wolfe"),
+    # A step is torch's LBFGS.step: up to 20 iterations (one per step stalls torch's line
+    # search after a few steps); the table's "evals" column keeps the comparison fair.
+    "LBFGS": Recipe(dict(history_size=20, line_search_fn="strong_wolfe"),
                     scheduled=False, full_batch=True),
 }
 
@@ -80,7 +87,7 @@ def warmup_cosine(peak: float, steps: int) -> SequentialLR:
                         milestones=[warmup])
 
 
-def build(name: str, task: str, steps: int):
+def build(name: str, task: str, steps: int, model: nn.Module):
     """(optimizer, recipe, peak learning rate or None, schedule description)."""
     cls = getattr(mlx_optim, name)
     recipe = RECIPES.get(name, Recipe())
@@ -95,7 +102,8 @@ def build(name: str, task: str, steps: int):
         if peak is not None:
             kwargs["learning_rate"] = peak
         schedule = "constant"
-    return cls(**kwargs), recipe, peak, schedule
+    opt = recipe.make(model, kwargs) if recipe.make else cls(**kwargs)
+    return opt, recipe, peak, schedule
 
 
 def state_bytes(opt) -> int:
@@ -104,9 +112,9 @@ def state_bytes(opt) -> int:
 
 
 def train(task: Task, name: str, steps: int, seed: int, compiled: bool, progress: Progress) -> dict:
-    opt, recipe, peak, schedule = build(name, task.name, steps)
     mx.random.seed(seed)  # the same initial weights for every optimizer
     model = task.make_model()
+    opt, recipe, peak, schedule = build(name, task.name, steps, model)
     x, y = task.train
     batches = mx.random.randint(0, x.shape[0], (steps, task.batch_size or 1),
                                 key=mx.random.key(seed + 1))  # the same batches for every optimizer
@@ -153,6 +161,8 @@ def train(task: Task, name: str, steps: int, seed: int, compiled: bool, progress
         accuracy=task.accuracy(model, *val),
         steps_per_second=timed_steps / elapsed if elapsed > 0 else math.inf,
         state_bytes=state_bytes(opt),
+        # loss-and-gradient evaluations: one per step, except in L-BFGS's iterations and line search
+        evaluations=opt.state["func_evals"] if isinstance(opt, mlx_optim.LBFGS) else steps,
         losses=losses,
     )
 
@@ -179,7 +189,8 @@ def plot(report: dict, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     window = max(1, report["steps"] // 30)
     for row in report["results"]:
-        label = f"{row['optimizer']} ({row['schedule']}{', full batch' if row['full_batch'] else ''})"
+        full_batch = ", full batch" if row["full_batch"] and report["batch_size"] else ""
+        label = f"{row['optimizer']} ({row['schedule']}{full_batch})"
         ax.plot(range(1, row["steps"] + 1), smoothed(row["losses"], window), label=label, lw=1.5)
     ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -201,11 +212,11 @@ def table(report: dict) -> str:
     rows = [(r["optimizer"] + (" (full batch)" if r["full_batch"] and minibatches else ""),
              r["schedule"], number(r["learning_rate"], "g"), number(r["final_loss"], ".4f"),
              number(r["val_loss"], ".4f"), number(r["accuracy"], ".1%"),
-             number(r["steps_per_second"], ".0f"), f"{r['state_bytes']:,}")
+             r["evaluations"], number(r["steps_per_second"], ".0f"), f"{r['state_bytes']:,}")
              for r in report["results"]]
-    header = ("optimizer", "schedule", "peak lr", "final loss", "val loss", "accuracy", "steps/s",
-              "state bytes")
-    return format_table(header, rows, right={2, 3, 4, 5, 6, 7})
+    header = ("optimizer", "schedule", "peak lr", "final loss", "val loss", "accuracy", "evals",
+              "steps/s", "state bytes")
+    return format_table(header, rows, right={2, 3, 4, 5, 6, 7, 8})
 
 
 def writable_dir(text: str) -> Path:
@@ -269,18 +280,22 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(commands) -> None:
     parser = commands.add_parser(
         "compare", help="train a small model with several optimizers; table, JSON and PNG",
-        description=__doc__.split("\n\n")[0] + " Tasks: " + "; ".join(
-            f"{name}" for name in TASKS) + ".",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Train one small model with several optimizers from the same weights on "
+                    "the same batches; print a table and write <task>.json and <task>.png "
+                    "(loss curves, needs matplotlib) into --out.")
     parser.add_argument("--task", choices=sorted(TASKS), default="digits",
-                        help="digits: noisy 12x12 glyphs, MLP; chars: character-level language "
-                             "model on bundled text; curve: full-batch curve fit (L-BFGS)")
+                        help="digits (default): noisy 12x12 digit glyphs, MLP; chars: "
+                             "character-level language model on bundled text; curve: "
+                             "full-batch curve fit, where L-BFGS shines")
     parser.add_argument("--optimizers", nargs="+", metavar="NAME",
-                        help="optimizer class names from mlx_optim, or 'all' "
-                             "(default: a set chosen for the task)")
-    parser.add_argument("--steps", type=positive_int, help="training steps (default: per task)")
-    parser.add_argument("--seed", type=int, default=0, help="data, initial weights and batches")
-    parser.add_argument("--out", default="out/compare", help="directory for <task>.json and <task>.png")
+                        help="class names from mlx_optim (SGD Adam LBFGS ...) or 'all'; "
+                             "default: a set chosen for the task")
+    parser.add_argument("--steps", type=positive_int,
+                        help="training steps; default: per task (digits 300, chars 400, curve 200)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data, initial weights and batches (default 0)")
+    parser.add_argument("--out", default="out/compare", metavar="DIR",
+                        help="directory for <task>.json and <task>.png (default out/compare)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="compile each step with mx.compile")
+                        help="compile each step with mx.compile (default: on)")
     parser.set_defaults(run=run)

@@ -4,7 +4,7 @@
   with random one-pixel shifts, stroke weight, contrast, missing ink and noise; an MLP 144-128-10.
 * ``chars``: next-character prediction on ``data/corpus.txt`` (the Gettysburg Address and
   eight of Shakespeare's sonnets, 5.8 KB, public domain); the last 10% is held out. An MLP
-  over the 16 previous characters' embeddings (Bengio et al. 2003).
+  over the 12 previous characters' embeddings (Bengio et al. 2003).
 * ``curve``: a least-squares fit of a 1-32-32-1 tanh network to 256 noisy samples of a
   damped wave, full batch: the setting L-BFGS is made for.
 
@@ -108,14 +108,14 @@ def digits(seed: int) -> Task:
         train=(x_train, y_train),
         val=(x_val, y_val),
         batch_size=64, steps=300,
-        optimizers=("SGD", "Adam", "AdamW", "NAdam", "RAdam", "RMSprop", "Adagrad", "Rprop"),
+        optimizers=("SGD", "Adam", "AdamW", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta"),
         classification=True,
     )
 
 
 # ----------------------------------------------------------------------------- chars
 
-CONTEXT = 16
+CONTEXT = 12
 
 
 def corpus() -> str:
@@ -123,7 +123,7 @@ def corpus() -> str:
 
 
 class CharMLP(nn.Module):
-    def __init__(self, vocab: int, context: int = CONTEXT, dims: int = 16, hidden: int = 256):
+    def __init__(self, vocab: int, context: int = CONTEXT, dims: int = 12, hidden: int = 128):
         super().__init__()
         self.embedding = nn.Embedding(vocab, dims)
         self.hidden = nn.Linear(context * dims, hidden)
@@ -146,12 +146,12 @@ def chars(seed: int) -> Task:
     return Task(
         name="chars",
         description=f"chars: next character of {len(text)} bytes of bundled text, "
-                    f"{len(vocab)} symbols, last 10% held out, {CONTEXT}-char context MLP, batch 128",
+                    f"{len(vocab)} symbols, last 10% held out, MLP over {CONTEXT} characters, batch 64",
         make_model=lambda: CharMLP(len(vocab)),
         loss=cross_entropy,
         train=(windows[:split], targets[:split]),
         val=(windows[split:], targets[split:]),
-        batch_size=128, steps=400,
+        batch_size=64, steps=400,
         optimizers=("SGD", "Adam", "AdamW", "NAdam", "RMSprop", "Adagrad"),
         classification=True,
     )
