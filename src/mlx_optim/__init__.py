@@ -1,7 +1,7 @@
 """mlx-optim: PyTorch's optimizer family for MLX, step for step identical to torch.optim."""
 
 from . import schedulers as lr_scheduler
-from . import swa_utils
+from . import checkpoint, grad_utils, swa_utils
 from ._base import Optimizer, ParamGroup
 from .adadelta import Adadelta
 from .adafactor import Adafactor
@@ -9,7 +9,10 @@ from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
 from .asgd import ASGD
+from .checkpoint import load_torch_state_dict, to_torch_state_dict
+from .grad_utils import GradientAccumulator, SkipNonFinite, clip_grad_norm, clip_grad_value
 from .lbfgs import LBFGS
+from .mixed_precision import MasterWeights
 from .minimize import OptimizeResult, minimize
 from .muon import Muon, muon_with_adamw
 from .nadam import NAdam
@@ -35,4 +38,7 @@ __all__ = [
     "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR", "SequentialLR", "CosineAnnealingLR",
     "ChainedScheduler", "ReduceLROnPlateau", "CyclicLR", "CosineAnnealingWarmRestarts",
     "OneCycleLR", "PolynomialLR", "AveragedModel", "SWALR",
+    "checkpoint", "load_torch_state_dict", "to_torch_state_dict",
+    "grad_utils", "clip_grad_norm", "clip_grad_value", "GradientAccumulator", "SkipNonFinite",
+    "MasterWeights",
 ]

@@ -583,6 +583,28 @@ class Optimizer(mlx_optim.Optimizer):
     def _prepare_gradient(self, grad: Any, dtype: mx.Dtype) -> mx.array:
         return _cast(grad, dtype)
 
+    # ------------------------------------------------------------------- checkpoints
+    # The substance lives in checkpoint.py (imported lazily: it imports this module).
+    def state_dict(self) -> dict:
+        """The complete state: arrays, group values, flags, type and format version."""
+        from .checkpoint import state_dict
+        return state_dict(self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Validate ``state_dict`` fully, then load it in place (``ValueError`` on mismatch)."""
+        from .checkpoint import load_state_dict
+        load_state_dict(self, state_dict)
+
+    def save(self, path) -> None:
+        """Write the state to a ``.safetensors`` file (see :mod:`mlx_optim.checkpoint`)."""
+        from .checkpoint import save
+        save(self, path)
+
+    def load(self, path) -> None:
+        """Load a file written by :meth:`save`, validated first (``ValueError`` on mismatch)."""
+        from .checkpoint import load
+        load(self, path)
+
     # mlx.optimizers.Optimizer hooks that this design replaces
     def init_single(self, parameter, state):  # pragma: no cover - not used
         raise NotImplementedError("mlx_optim optimizers initialise state in init()")

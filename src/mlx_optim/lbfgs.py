@@ -192,6 +192,27 @@ class LBFGS:
             func_evals=0, n_iter=0, d=None, t=None, old_dirs=[], old_stps=[], ro=[],
             H_diag=1.0, prev_flat_grad=None, prev_loss=None, status=None)
 
+    # Checkpoints: see mlx_optim.checkpoint (imported lazily, as in the base class).
+    def state_dict(self) -> dict:
+        """Hyperparameters and the history (arrays and Python numbers), type and version."""
+        from .checkpoint import state_dict
+        return state_dict(self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Validate ``state_dict`` fully, then load it (``ValueError`` on mismatch)."""
+        from .checkpoint import load_state_dict
+        load_state_dict(self, state_dict)
+
+    def save(self, path) -> None:
+        """Write the state to a ``.safetensors`` file."""
+        from .checkpoint import save
+        save(self, path)
+
+    def load(self, path) -> None:
+        """Load a file written by :meth:`save`, validated first."""
+        from .checkpoint import load
+        load(self, path)
+
     def step(self, model: Any, closure: Callable[[], tuple[mx.array, Any]]) -> mx.array:
         """Run one torch ``step`` on ``model``'s trainable parameters; return the loss before it.
 

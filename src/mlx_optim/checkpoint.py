@@ -1,0 +1,659 @@
+"""Checkpoints: an optimizer's complete state as a dict, a safetensors file, or torch's format.
+
+``opt.state_dict()`` returns a plain dict: the state tree (arrays, see ``_base``'s
+docstring), each group's hyperparameter values as JSON-able Python values (a schedule
+appears as ``{"schedule": True}``: functions are not saved, the optimizer you load into
+must have a schedule in the same place), the optimizer's class name and a format version.
+``opt.save(path)`` writes it as one safetensors file: the arrays as tensors, everything
+else as JSON in the file's metadata (key ``"mlx_optim"``). float64 arrays, which
+safetensors in MLX cannot hold, are stored as their uint64 bit patterns.
+
+``opt.load_state_dict(sd)`` / ``opt.load(path)`` validate everything first: optimizer
+type, format version, groups and their flags, the state's keys, shapes and dtypes
+(against the optimizer's own state where it has one: call ``opt.init(params)`` before
+loading to check every parameter's slot). Any mismatch, or a damaged file, raises
+``ValueError`` naming what differs, and the optimizer is left exactly as it was.
+Only then is the state swapped, **in place**: the same ``opt.state`` dict object receives
+the loaded contents, so a step compiled with ``mx.compile(step, inputs=[opt.state],
+outputs=[opt.state])`` keeps working after a load (it retraces once if the structure of
+the state changed). A later ``opt.init(params)`` only fills parameters without state,
+so loaded state is never re-initialised.
+
+Example:
+    >>> opt = mlx_optim.Adam(learning_rate=1e-3)
+    >>> opt.init(model.trainable_parameters())
+    >>> ...  # train
+    >>> opt.save("opt.safetensors")
+    >>> resumed = mlx_optim.Adam(learning_rate=1e-3)
+    >>> resumed.init(model.trainable_parameters())
+    >>> resumed.load("opt.safetensors")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import mlx.core as mx
+
+FORMAT = "mlx_optim.checkpoint"
+VERSION = 1
+METADATA_KEY = "mlx_optim"
+_SCHEDULE = {"schedule": True}
+
+
+# --------------------------------------------------------------------- in-memory form
+def state_dict(opt: Any) -> dict:
+    """The complete state of ``opt`` (one of ours, or :class:`~mlx_optim.LBFGS`).
+
+    Arrays are shared with the optimizer, not copied: MLX arrays are values, and the
+    optimizer replaces (never writes into) the arrays it holds.
+    """
+    from .lbfgs import LBFGS
+
+    if isinstance(opt, LBFGS):
+        return {"format": FORMAT, "version": VERSION, "optimizer": "LBFGS",
+                "hyperparameters": {name: _jsonable(getattr(opt, name)) for name in _LBFGS_HYPER},
+                "state": _copy_tree(opt.state)}
+    if opt._class_of is None:  # state replaced and not stepped since: derive the step sets
+        opt._rebuild_step_classes()
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "optimizer": type(opt).__name__,
+        "groups": [{name: _jsonable(value) for name, value in values.items()}
+                   for values in opt._group_values],
+        "active": [dict(active) for active in opt._active],
+        "step_class_of": dict(opt._class_of),
+        "state": _copy_tree(opt.state),
+    }
+
+
+def load_state_dict(opt: Any, sd: dict) -> None:
+    """Replace ``opt``'s state by ``sd`` (from :func:`state_dict`), after checking all of it."""
+    from .lbfgs import LBFGS
+
+    if not isinstance(sd, dict):
+        raise ValueError(f"a state dict must be a dict, got {type(sd).__name__}")
+    for key in ("format", "version", "optimizer", "state"):
+        if key not in sd:
+            raise ValueError(f"not an mlx_optim optimizer state dict: it lacks {key!r}")
+    if sd["format"] != FORMAT:
+        raise ValueError(f"not an mlx_optim optimizer state dict (format {sd['format']!r})")
+    if sd["version"] != VERSION:
+        raise ValueError(f"checkpoint format version {sd['version']} is not supported "
+                         f"(this mlx_optim reads version {VERSION})")
+    name = type(opt).__name__
+    if sd["optimizer"] != name:
+        raise ValueError(f"the checkpoint holds the state of a {sd['optimizer']} optimizer, "
+                         f"not of a {name}")
+    if isinstance(opt, LBFGS):
+        _load_lbfgs(opt, sd)
+    else:
+        _load_base(opt, sd)
+
+
+# ----------------------------------------------------------------------------- files
+def save(opt: Any, path: str | os.PathLike) -> None:
+    """Write ``opt.state_dict()`` to ``path`` as a safetensors file (see the module doc).
+
+    ``.safetensors`` is appended to ``path`` when it lacks it (as MLX does), also on load."""
+    sd = state_dict(opt)
+    arrays: dict[str, mx.array] = {}
+    meta = {k: v for k, v in sd.items() if k != "state"}
+    meta["state"] = _encode(sd["state"], arrays, "state")
+    mx.save_safetensors(_file(path), arrays, metadata={METADATA_KEY: json.dumps(meta)})
+
+
+def _file(path: str | os.PathLike) -> str:
+    # mx.save_safetensors appends the suffix when it is missing; read the same file back.
+    path = str(path)
+    return path if path.endswith(".safetensors") else path + ".safetensors"
+
+
+def read(path: str | os.PathLike) -> dict:
+    """The state dict stored in a file written by :func:`save`; ``ValueError`` if damaged."""
+    path = _file(path)
+    try:
+        arrays, metadata = mx.load(path, return_metadata=True)
+    except Exception as error:  # truncated, corrupt, not safetensors at all
+        raise ValueError(f"cannot read optimizer checkpoint {path!r} "
+                         f"(damaged or truncated?): {error}") from None
+    if METADATA_KEY not in metadata:
+        raise ValueError(f"{path!r} is a safetensors file without mlx_optim metadata: "
+                         "not an optimizer checkpoint")
+    try:
+        sd = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"optimizer checkpoint {path!r} has damaged metadata: {error}") from None
+    if not isinstance(sd, dict) or "state" not in sd:
+        raise ValueError(f"optimizer checkpoint {path!r} has damaged metadata")
+    used: set[str] = set()
+    sd["state"] = _decode(sd["state"], arrays, used, path)
+    extra = sorted(set(arrays) - used)
+    if extra:
+        raise ValueError(f"optimizer checkpoint {path!r} is damaged: arrays {extra[:5]} "
+                         "are not part of its state")
+    return sd
+
+
+def load(opt: Any, path: str | os.PathLike) -> None:
+    """Load a file written by :func:`save` into ``opt`` (validated, see the module doc)."""
+    load_state_dict(opt, read(path))
+
+
+# ----------------------------------------------------------------- tree (de)serialising
+def _copy_tree(tree: Any) -> Any:
+    """New dicts and lists, the same leaves: the copy does not change with the optimizer."""
+    if isinstance(tree, dict):
+        return {k: _copy_tree(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_copy_tree(v) for v in tree]
+    return tree
+
+
+def _jsonable(value: Any) -> Any:
+    """A hyperparameter as given, as a JSON value; a schedule as ``{"schedule": True}``."""
+    if isinstance(value, mx.array):
+        return value.item() if value.size == 1 else value.tolist()
+    if callable(value):
+        return dict(_SCHEDULE)
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _encode(tree: Any, arrays: dict, path: str) -> Any:
+    """JSON skeleton of ``tree``; its arrays go to ``arrays`` under readable, unique names."""
+    if isinstance(tree, mx.array):
+        name = path if path not in arrays else f"{path}#{len(arrays)}"
+        if tree.dtype == mx.float64:  # not a safetensors dtype in MLX: keep the bits
+            arrays[name] = tree.reshape(-1).view(mx.uint64).reshape(tree.shape)
+            return {"array": name, "dtype": "float64"}
+        arrays[name] = tree
+        return {"array": name}
+    if isinstance(tree, dict):
+        for key in tree:
+            if not isinstance(key, str):
+                raise TypeError(f"cannot save state key {key!r} at {path!r}: keys must be strings")
+        return {"dict": {k: _encode(v, arrays, f"{path}.{k}") for k, v in tree.items()}}
+    if isinstance(tree, (list, tuple)):
+        return {"list": [_encode(v, arrays, f"{path}.{i}") for i, v in enumerate(tree)]}
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return {"value": tree}
+    raise TypeError(f"cannot save {type(tree).__name__} at {path!r} in an optimizer checkpoint")
+
+
+def _decode(node: Any, arrays: dict, used: set, path: str) -> Any:
+    def damaged(why: str) -> ValueError:
+        return ValueError(f"optimizer checkpoint {path!r} is damaged: {why}")
+
+    if not isinstance(node, dict) or len(node) not in (1, 2):
+        raise damaged(f"unexpected metadata node {str(node)[:80]}")
+    if "array" in node:
+        name = node["array"]
+        if name not in arrays:
+            raise damaged(f"array {name!r} is missing")
+        used.add(name)
+        value = arrays[name]
+        if node.get("dtype") == "float64":
+            if value.dtype != mx.uint64:
+                raise damaged(f"array {name!r} should hold float64 bits")
+            value = value.reshape(-1).view(mx.float64).reshape(value.shape)
+        return value
+    if "dict" in node:
+        return {k: _decode(v, arrays, used, path) for k, v in node["dict"].items()}
+    if "list" in node:
+        return [_decode(v, arrays, used, path) for v in node["list"]]
+    if "value" in node:
+        return node["value"]
+    raise damaged(f"unexpected metadata node {str(node)[:80]}")
+
+
+# ------------------------------------------------------------- our base optimizers
+def _describe(x: Any) -> str:
+    if isinstance(x, mx.array):
+        return f"array of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
+
+
+def _check_like(saved: Any, current: Any, where: str, cast_floats: bool = False) -> Any:
+    """``saved`` checked against ``current`` (same structure, keys, shapes, dtypes); returns it
+    with new containers. ``cast_floats``: a float array may differ in dtype (hyperparameters:
+    float64 on the CPU, float32 on the GPU) and is cast to ``current``'s."""
+    if isinstance(current, mx.array):
+        if not isinstance(saved, mx.array):
+            raise ValueError(f"{where}: the checkpoint has {_describe(saved)}, expected {_describe(current)}")
+        if saved.shape != current.shape:
+            raise ValueError(f"{where}: the checkpoint has shape {tuple(saved.shape)}, "
+                             f"this optimizer {tuple(current.shape)}")
+        if saved.dtype != current.dtype:
+            both_float = all(mx.issubdtype(d, mx.floating) for d in (saved.dtype, current.dtype))
+            if not (cast_floats and both_float):
+                raise ValueError(f"{where}: the checkpoint has dtype {saved.dtype}, "
+                                 f"this optimizer {current.dtype}")
+            saved = saved.astype(current.dtype)
+        return saved
+    if isinstance(current, dict):
+        if not isinstance(saved, dict):
+            raise ValueError(f"{where}: the checkpoint has {_describe(saved)}, expected a dict")
+        _same_keys(saved, current, where)
+        return {k: _check_like(saved[k], current[k], f"{where}[{k!r}]", cast_floats) for k in current}
+    if isinstance(current, (list, tuple)):
+        if not isinstance(saved, list) or len(saved) != len(current):
+            raise ValueError(f"{where}: the checkpoint has {_describe(saved)} "
+                             f"{'of length ' + str(len(saved)) if isinstance(saved, list) else ''}, "
+                             f"this optimizer a list of length {len(current)}")
+        return [_check_like(s, c, f"{where}[{i}]", cast_floats) for i, (s, c) in enumerate(zip(saved, current))]
+    raise ValueError(f"{where}: unexpected {_describe(current)} in this optimizer's state")
+
+
+def _same_keys(saved: dict, current: dict, where: str) -> None:
+    missing, extra = sorted(set(current) - set(saved), key=str), sorted(set(saved) - set(current), key=str)
+    if missing:
+        raise ValueError(f"{where}: the checkpoint lacks key(s) {missing}")
+    if extra:
+        raise ValueError(f"{where}: the checkpoint has unexpected key(s) {extra}")
+
+
+def _saved_slots(tree: Any, where: str, prefix: tuple = ()) -> list[tuple[tuple, dict]]:
+    """(key path, slot) of a saved ``param_state`` tree, checking what each slot holds."""
+    from ._base import is_slot
+
+    if is_slot(tree):
+        for key, value in tree.items():
+            if not isinstance(value, mx.array):
+                raise ValueError(f"{where}: state {key!r} of parameter {_dot(prefix)!r} is "
+                                 f"{_describe(value)}, not an array")
+        step = tree["step"]
+        if step.shape != () or step.dtype != mx.int32:
+            raise ValueError(f"{where}: the step of parameter {_dot(prefix)!r} is {_describe(step)}, "
+                             "expected a 0-d int32 array")
+        return [(prefix, tree)]
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list):
+        items = enumerate(tree)
+    else:
+        raise ValueError(f"{where}: unexpected {_describe(tree)} at {_dot(prefix)!r}")
+    out = []
+    for key, sub in items:
+        out += _saved_slots(sub, where, prefix + (key,))
+    return out
+
+
+def _dot(keys: tuple) -> str:
+    return ".".join(str(k) for k in keys)
+
+
+def _load_base(opt: Any, sd: dict) -> None:
+    from ._base import _slots
+
+    for key in ("groups", "active", "step_class_of"):
+        if key not in sd:
+            raise ValueError(f"not a state dict of an mlx_optim optimizer: it lacks {key!r}")
+    name = type(opt).__name__
+    # Groups: flags must agree (they fix the computation), numbers are taken from the file.
+    groups = sd["groups"]
+    if not isinstance(groups, list) or len(groups) != len(opt._group_values):
+        raise ValueError(f"the checkpoint has {len(groups)} parameter group(s), this {name} "
+                         f"{len(opt._group_values)}")
+    new_values = []
+    for index, (saved, current) in enumerate(zip(groups, opt._group_values)):
+        where = "default group" if index == 0 else f"group {index - 1}"
+        _same_keys(saved, current, f"{where} hyperparameters")
+        values = {}
+        for key, value in current.items():
+            stored = saved[key]
+            if opt._is_static(key, value):
+                if _jsonable(value) != stored:
+                    raise ValueError(f"{where}: {key} is {stored!r} in the checkpoint and "
+                                     f"{_jsonable(value)!r} in this optimizer; it fixes the "
+                                     f"step's structure, so build the optimizer with {key}={stored!r}")
+                values[key] = value
+            elif callable(value) and not isinstance(value, mx.array):
+                if stored != _SCHEDULE:
+                    raise ValueError(f"{where}: {key} is a schedule in this optimizer but the "
+                                     f"number {stored!r} in the checkpoint")
+                values[key] = value  # schedules are code: this optimizer's own is kept
+            else:
+                if stored == _SCHEDULE:
+                    raise ValueError(f"{where}: {key} is a schedule in the checkpoint; build this "
+                                     "optimizer with a schedule for it too")
+                values[key] = tuple(stored) if isinstance(stored, list) else stored
+        new_values.append(values)
+    if sd["active"] != [dict(a) for a in opt._active]:
+        raise ValueError(f"the checkpoint's non-zero structural terms {sd['active']} differ from "
+                         f"this optimizer's {opt._active} (e.g. weight_decay 0 in one and not the other)")
+
+    # The state tree: everything but param_state and step_classes is shaped as ours.
+    saved, current = sd["state"], opt.state
+    if not isinstance(saved, dict):
+        raise ValueError("the checkpoint's state is not a dict")
+    _same_keys(saved, current, "state")
+    new_state = {}
+    for key in current:
+        if key in ("param_state", "step_classes"):
+            continue
+        new_state[key] = _check_like(saved[key], current[key], f"state[{key!r}]",
+                                     cast_floats=key != "step")
+    slots = _saved_slots(saved["param_state"], "state['param_state']")
+    current_slots = {keys: slot for keys, slot in _slots(current["param_state"])}
+    if current_slots:  # this optimizer knows its parameters: the checkpoint must match them
+        missing = sorted(_dot(k) for k in set(current_slots) - {k for k, _ in slots})
+        extra = sorted(_dot(k) for k in {k for k, _ in slots} - set(current_slots))
+        if missing:
+            raise ValueError(f"the checkpoint has no state for parameter(s) {missing[:5]}")
+        if extra:
+            raise ValueError(f"the checkpoint has state for unknown parameter(s) {extra[:5]}")
+        for keys, slot in slots:
+            _check_like(slot, current_slots[keys], f"state of parameter {_dot(keys)!r}")
+
+    classes = saved["step_classes"]
+    class_of = sd["step_class_of"]
+    if not isinstance(classes, list) or not all(
+            isinstance(c, mx.array) and c.shape == () and c.dtype == mx.int32 for c in classes):
+        raise ValueError("state['step_classes'] must be a list of 0-d int32 arrays")
+    if not isinstance(class_of, dict) or set(class_of) != {_dot(k) for k, _ in slots}:
+        raise ValueError("the checkpoint's step_class_of does not name exactly its parameters")
+    for keys, slot in slots:
+        cls = class_of[_dot(keys)]
+        if not isinstance(cls, int) or not 0 <= cls < len(classes):
+            raise ValueError(f"step class {cls!r} of parameter {_dot(keys)!r} is out of range")
+        if slot["step"].item() != classes[cls].item():
+            raise ValueError(f"the step of parameter {_dot(keys)!r} disagrees with its step class")
+
+    # A step set never spans groups (its members share scalar state, which may depend on
+    # the group's values): split any set whose members this optimizer puts in different groups.
+    split: dict[tuple, int] = {}
+    new_classes, new_class_of = [], {}
+    for keys, _ in slots:
+        path = _dot(keys)
+        key = (class_of[path], opt._group_cache.get(path))
+        if key not in split:
+            split[key] = len(new_classes)
+            new_classes.append(classes[class_of[path]])
+        new_class_of[path] = split[key]
+
+    # Everything checked: swap, in place (a compiled step holding opt.state sees the new values).
+    param_state = _copy_tree(saved["param_state"])
+    for keys, slot in _slots(param_state):
+        slot["step"] = new_classes[new_class_of[_dot(keys)]]  # shared, as when saved
+    new_state["param_state"] = param_state
+    new_state["step_classes"] = new_classes
+    ordered = {key: new_state[key] for key in current}  # the same key order as before
+    state = opt.state
+    state.clear()
+    state.update(ordered)
+    opt._group_values[:] = new_values
+    opt._class_of = new_class_of
+
+
+# ----------------------------------------------------------------------------- LBFGS
+_LBFGS_HYPER = ("learning_rate", "max_iter", "max_eval", "tolerance_grad", "tolerance_change",
+                "history_size", "line_search_fn")
+_LBFGS_SCALARS = {"func_evals": (int,), "n_iter": (int,), "H_diag": (float, int),
+                  "t": (float, int, type(None)), "prev_loss": (float, int, type(None)),
+                  "status": (str, type(None))}
+
+
+def _load_lbfgs(opt: Any, sd: dict) -> None:
+    from .lbfgs import LBFGS
+
+    hyper, state = sd.get("hyperparameters"), sd["state"]
+    if not isinstance(hyper, dict):
+        raise ValueError("LBFGS checkpoint lacks its hyperparameters")
+    _same_keys(hyper, {k: None for k in _LBFGS_HYPER}, "LBFGS hyperparameters")
+    try:  # the constructor's own checks, on a throwaway instance
+        LBFGS(**hyper)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"LBFGS checkpoint has invalid hyperparameters: {error}") from None
+    if not isinstance(state, dict):
+        raise ValueError("the checkpoint's LBFGS state is not a dict")
+    _same_keys(state, opt.state, "LBFGS state")
+    for key, types in _LBFGS_SCALARS.items():
+        if isinstance(state[key], bool) or not isinstance(state[key], types):
+            raise ValueError(f"LBFGS state[{key!r}] is {_describe(state[key])}, expected "
+                             f"{' or '.join(t.__name__ for t in types)}")
+    if not isinstance(state["ro"], list) or not all(isinstance(r, (float, int)) for r in state["ro"]):
+        raise ValueError("LBFGS state['ro'] must be a list of numbers")
+    vectors = [v for v in (state["d"], state["prev_flat_grad"]) if v is not None]
+    for key in ("old_dirs", "old_stps"):
+        if not isinstance(state[key], list) or len(state[key]) != len(state["ro"]):
+            raise ValueError(f"LBFGS state[{key!r}] must be a list as long as state['ro']")
+        vectors += state[key]
+    current = [v for v in (opt.state["d"], opt.state["prev_flat_grad"]) if v is not None]
+    for v in vectors:
+        if not isinstance(v, mx.array) or v.ndim != 1:
+            raise ValueError(f"LBFGS state holds {_describe(v)} where a 1-d array belongs")
+        reference = current[0] if current else vectors[0]
+        if v.shape != reference.shape or v.dtype != reference.dtype:
+            raise ValueError(f"LBFGS state vector is {_describe(v)}, expected {_describe(reference)}")
+    for key, value in hyper.items():
+        setattr(opt, key, value)
+    opt.state.clear()
+    opt.state.update(_copy_tree(state))
+
+
+# ------------------------------------------------------------------------- torch interop
+# torch's implementation switches: not hyperparameters, ignored on import.
+_TORCH_ONLY = ("params", "foreach", "fused", "capturable", "differentiable", "initial_lr")
+
+
+def _torch_name(name: str) -> str:
+    return "lr" if name == "learning_rate" else name
+
+
+def _from_torch_value(value: Any) -> Any:
+    """A torch group value as a JSON value (tensors as numbers, tuples as lists)."""
+    if hasattr(value, "detach"):  # a torch tensor (tensor lr)
+        value = value.detach().cpu().reshape(-1).tolist()
+        return value[0] if len(value) == 1 else value
+    if isinstance(value, (tuple, list)):
+        return [_from_torch_value(v) for v in value]
+    return value
+
+
+def _insert(root: dict, keys: tuple, slot: dict) -> None:
+    """Put ``slot`` at ``keys`` in a param_state tree, lists for int keys ({} marks a gap)."""
+    node = root
+    for key, next_key in zip(keys[:-1], keys[1:]):
+        if isinstance(node, list):
+            node.extend({} for _ in range(key + 1 - len(node)))
+            if not node[key]:
+                node[key] = [] if isinstance(next_key, int) else {}
+        elif key not in node:
+            node[key] = [] if isinstance(next_key, int) else {}
+        node = node[key]
+    if isinstance(node, list):
+        node.extend({} for _ in range(keys[-1] + 1 - len(node)))
+    node[keys[-1]] = slot
+
+
+def load_torch_state_dict(opt: Any, torch_state_dict: Any, paths: list[str], parameters: Any) -> None:
+    """Load a ``torch.optim`` optimizer's ``state_dict()`` into ``opt`` (validated, in place).
+
+    Args:
+        opt: one of ours, of the class matching torch's (``Adam`` for ``torch.optim.Adam``),
+            built with the same flags (``amsgrad`` ...) and as many groups as torch has.
+        torch_state_dict: ``torch_opt.state_dict()``, or the path of a file written by
+            ``torch.save`` (read with ``weights_only=True``; torch is imported only then).
+        paths: our dotted parameter path for each torch parameter id: ``paths[i]`` is the
+            parameter torch numbers ``i`` (the order of ``torch_model.parameters()``).
+        parameters: our parameter tree (e.g. ``model.trainable_parameters()``), for the
+            shapes and dtypes of the state.
+
+    torch's group values (``lr`` -> ``learning_rate``) replace ours; all torch parameters of
+    one of our groups must share their values. torch's float ``step`` becomes our int32
+    step; our global ``state["step"]`` (what schedules read) becomes the largest one.
+    torch's SGD keeps no step: a parameter with a momentum buffer gets step 1 (our SGD only
+    reads whether the first step is done), so set ``opt.state["step"]`` yourself if a
+    schedule must continue from torch's step count.
+    A parameter torch has no state for yet starts fresh, as in torch.
+
+    Example:
+        >>> paths = [k for k, _ in tree_flatten(model.trainable_parameters())]
+        >>> load_torch_state_dict(opt, torch_opt.state_dict(), paths, model.trainable_parameters())
+    """
+    from ._base import _as_array, _lookup
+    import numpy as np
+
+    if isinstance(torch_state_dict, (str, os.PathLike)):
+        import torch
+
+        torch_state_dict = torch.load(str(torch_state_dict), weights_only=True)
+    if not isinstance(torch_state_dict, dict) or set(torch_state_dict) != {"state", "param_groups"}:
+        raise ValueError("not a torch.optim state_dict: expected the keys 'state' and 'param_groups'")
+    torch_state, torch_groups = torch_state_dict["state"], torch_state_dict["param_groups"]
+    keys_of = [tuple(int(k) if k.isdigit() else k for k in p.split(".")) for p in paths]
+    params = []
+    for path, keys in zip(paths, keys_of):
+        try:
+            params.append(_lookup(parameters, keys))
+        except KeyError:
+            raise ValueError(f"paths names {path!r}, which is not in parameters") from None
+    ids = sorted(i for g in torch_groups for i in g["params"])
+    if ids != list(range(len(paths))):
+        raise ValueError(f"torch's state dict numbers {len(ids)} parameters, paths names {len(paths)}")
+
+    # Groups: ours are chosen by path; each must meet exactly one set of torch values.
+    torch_values: dict[int, dict] = {}
+    for group in torch_groups:
+        values = {k: _from_torch_value(v) for k, v in group.items() if k not in _TORCH_ONLY}
+        for i in group["params"]:
+            index = opt._group_of(paths[i], params[i])
+            if torch_values.setdefault(index, values) != values:
+                raise ValueError(f"parameters of one of our groups ({paths[i]!r} ...) have different "
+                                 "hyperparameters in torch's groups; select groups as torch's")
+    groups = []
+    for index, current in enumerate(opt._group_values):
+        given = torch_values.get(index)
+        values = {}
+        for name, value in current.items():
+            if callable(value) and not isinstance(value, mx.array):
+                values[name] = dict(_SCHEDULE)  # ours is scheduled: keep the schedule
+            elif given is None:
+                values[name] = _jsonable(value)
+            elif _torch_name(name) not in given:
+                if not opt._is_static(name, value):  # a flag torch fixes (Muon's decay) may be absent
+                    raise ValueError(f"torch's param_groups lack {_torch_name(name)!r}")
+                values[name] = _jsonable(value)
+            else:
+                values[name] = given[_torch_name(name)]
+                if opt._is_static(name, value) and values[name] != _jsonable(value):
+                    raise ValueError(f"{name} is {values[name]!r} in torch's group and {value!r} "
+                                     f"in this optimizer; build it with {name}={values[name]!r}")
+        groups.append(values)
+
+    def hyper_array(index: int, name: str) -> Any:
+        value = groups[index][name]
+        if value == _SCHEDULE:
+            source = opt.state if index == 0 else opt.state["param_groups"][index - 1]
+            return source[name]
+        if isinstance(value, list):
+            return [_as_array(v, opt._scalar_dtype) for v in value]
+        return _as_array(value, opt._scalar_dtype)
+
+    def hypers(index: int) -> dict:
+        return {name: (value if opt._is_static(name, value) else hyper_array(index, name))
+                for name, value in opt._group_values[index].items()}
+
+    param_state: dict = {}
+    steps = []
+    for i, (path, keys, param) in enumerate(zip(paths, keys_of, params)):
+        index = opt._group_of(path, param)
+        slot = {"step": mx.array(0, dtype=mx.int32),
+                **opt.init_state(param, hypers(index), opt._active[index])}
+        saved = {k: v for k, v in torch_state.get(i, torch_state.get(str(i), {})).items() if v is not None}
+        if saved:  # torch's SGD keeps no step
+            _same_keys({"step": None, **saved}, slot, f"torch's state of parameter {i} ({path!r})")
+        for key, value in saved.items():
+            array = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+            if key == "step":
+                slot["step"] = mx.array(int(array), dtype=mx.int32)
+                continue
+            if array.shape != slot[key].shape:
+                raise ValueError(f"torch's state {key!r} of parameter {i} ({path!r}) has shape "
+                                 f"{array.shape}, ours {tuple(slot[key].shape)}")
+            slot[key] = mx.array(array).astype(slot[key].dtype)
+        if saved and "step" not in saved:
+            # torch's SGD counts no steps; a momentum buffer means the first step is done,
+            # which is all our SGD reads from the step.
+            slot["step"] = mx.array(1, dtype=mx.int32)
+        steps.append(slot["step"].item())
+        _insert(param_state, keys, slot)
+
+    # One step array per set of slots whose step and scalar state are equal (see _base).
+    classes, class_of, by_value = [], {}, {}
+    for path, keys in zip(paths, keys_of):
+        slot = _lookup(param_state, keys)
+        scalars = tuple(sorted((k, v.item()) for k, v in slot.items() if v.ndim == 0))
+        key = (opt._group_of(path, _lookup(parameters, keys)), scalars)
+        if key not in by_value:
+            by_value[key] = len(classes)
+            classes.append(slot["step"])
+        class_of[path] = by_value[key]
+
+    state: dict = {}
+    for name in opt.state:
+        if name == "step":
+            state[name] = mx.array(max(steps, default=0), dtype=opt.state["step"].dtype)
+        elif name == "param_state":
+            state[name] = param_state
+        elif name == "step_classes":
+            state[name] = classes
+        elif name == "param_groups":
+            state[name] = [{n: hyper_array(i + 1, n) for n in g} for i, g in enumerate(opt.state[name])]
+        else:
+            state[name] = hyper_array(0, name)
+    load_state_dict(opt, {"format": FORMAT, "version": VERSION, "optimizer": type(opt).__name__,
+                          "groups": groups, "active": [dict(a) for a in opt._active],
+                          "step_class_of": class_of, "state": state})
+
+
+def to_torch_state_dict(opt: Any, paths: list[str]) -> dict:
+    """``opt``'s state in ``torch.optim``'s ``state_dict`` format (torch imported here).
+
+    Args:
+        opt: one of ours.
+        paths: our dotted parameter path for each torch parameter id (``paths[i]`` is id i).
+
+    Returns a dict for ``torch_opt.load_state_dict``: per parameter its state as tensors
+    (``step`` as a float tensor, as torch keeps it) and one torch group per group of ours
+    that holds parameters (``learning_rate`` -> ``lr``; schedules give their current value).
+
+    Example:
+        >>> torch_opt.load_state_dict(to_torch_state_dict(opt, paths))
+    """
+    import numpy as np
+    import torch
+
+    from ._base import _lookup
+
+    state, members = {}, {}
+    for i, path in enumerate(paths):
+        keys = tuple(int(k) if k.isdigit() else k for k in path.split("."))
+        try:
+            slot = _lookup(opt.state["param_state"], keys)
+        except KeyError:
+            continue  # no state yet: torch starts it lazily too
+        slot_param = next((v for v in slot.values() if v.ndim), slot["step"])
+        members.setdefault(opt._group_of(path, slot_param), []).append(i)
+        state[i] = {k: torch.tensor(float(v.item())) if k == "step" else torch.from_numpy(np.array(v))
+                    for k, v in slot.items()}
+    missing = [i for i in range(len(paths)) if i not in state]
+    if missing:
+        members.setdefault(0, []).extend(missing)
+    groups = []
+    for index in sorted(members):
+        group = {}
+        for name in opt._group_values[index]:
+            value = opt._get_hyper(index, name)
+            if isinstance(value, tuple):
+                value = tuple(v.item() if isinstance(v, mx.array) else v for v in value)
+            elif isinstance(value, mx.array):
+                value = value.item()
+            group[_torch_name(name)] = value
+        groups.append({**group, "params": sorted(members[index])})
+    return {"state": state, "param_groups": groups}

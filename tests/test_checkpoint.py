@@ -1,0 +1,423 @@
+"""Checkpoints: resume == uninterrupted (bitwise, in a new process), and bad files change nothing."""
+
+import json
+import pathlib
+import re
+import subprocess
+import sys
+import textwrap
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+import mlx_optim
+from mlx_optim.checkpoint import read
+from mlx_optim.parity.cases import BY_NAME, config_params, ours_kwargs
+from mlx_optim.parity.harness import Problem
+
+N, M = 5, 4  # steps before the checkpoint, steps after it
+
+
+def train(case, opt, params, problem, start, stop):
+    """The harness's closed loop, steps ``start`` .. ``stop - 1`` (eager)."""
+    for i in range(start, stop):
+        grads = problem.mlx_grads(params)
+        if case.grad_kind == "row-sparse":
+            grads = problem.mlx_row_sparse(grads, problem.touched_rows(i))
+        params = opt.apply_gradients(grads, params)
+        mx.eval(params, opt.state)
+    return params
+
+
+def leaves(tree, prefix=""):
+    """(path, leaf) of a state tree, including empty containers, so structure is compared too."""
+    if isinstance(tree, dict):
+        out = [(prefix + "{}", None)] if not tree else []
+        for k, v in tree.items():
+            out += leaves(v, f"{prefix}.{k}")
+        return out
+    if isinstance(tree, (list, tuple)):
+        out = [(prefix + "[]", None)] if not tree else []
+        for i, v in enumerate(tree):
+            out += leaves(v, f"{prefix}[{i}]")
+        return out
+    return [(prefix, tree)]
+
+
+def assert_bitwise(actual, expected, what):
+    a, e = leaves(actual), leaves(expected)
+    assert [p for p, _ in a] == [p for p, _ in e], f"{what}: structure differs"
+    for (path, x), (_, y) in zip(a, e):
+        if isinstance(y, mx.array):
+            assert isinstance(x, mx.array) and x.dtype == y.dtype, f"{what}{path}: dtype"
+            assert np.array_equal(np.array(x), np.array(y), equal_nan=True), f"{what}{path} differs"
+        else:
+            assert x == y, f"{what}{path}: {x!r} != {y!r}"
+
+
+def snapshot(opt):
+    """Everything a load could change, copied out (arrays as numpy)."""
+    sd = opt.state_dict()
+    arrays = [(p, np.array(v) if isinstance(v, mx.array) else v) for p, v in leaves(sd["state"])]
+    return arrays, {k: v for k, v in sd.items() if k != "state"}, id(opt.state)
+
+
+def assert_unchanged(opt, before):
+    arrays, meta, ident = snapshot(opt)
+    assert ident == before[2]
+    assert meta == before[1]
+    assert [p for p, _ in arrays] == [p for p, _ in before[0]]
+    for (path, x), (_, y) in zip(arrays, before[0]):
+        assert np.array_equal(x, y, equal_nan=True) if isinstance(y, np.ndarray) else x == y, path
+
+
+# ------------------------------------------------------------------ resume == uninterrupted
+RESUME_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_optim.parity.cases import BY_NAME, ours_kwargs
+    from mlx_optim.parity.harness import Problem
+    sys.path.insert(0, {tests!r})
+    from test_checkpoint import train
+
+    for job in json.load(open(sys.argv[1])):
+        case = BY_NAME[job["case"]]
+        config = next(c for c in case.configs if c.desc == job["config"])
+        problem = Problem(case.shapes)
+        params = tree_unflatten(list(mx.load(job["params"]).items()))
+        opt = case.ours(**ours_kwargs(config.kwargs))
+        opt.init(params)
+        opt.load(job["checkpoint"])
+        params = train(case, opt, params, problem, job["start"], job["stop"])
+        mx.save_safetensors(job["params_out"], dict(tree_flatten(params)))
+        opt.save(job["checkpoint_out"])
+""")
+
+
+def test_resume_in_a_new_process_is_bitwise(tmp_path):
+    """Every configuration of the table: N steps, save, load in a new process, M steps ==
+    N + M steps uninterrupted, parameters and every state array bit for bit (float32)."""
+    jobs, expected = [], {}
+    for index, (case, config) in enumerate(config_params()):
+        problem = Problem(case.shapes)
+        params = problem.mlx_params(mx.float32)
+        opt = case.ours(**ours_kwargs(config.kwargs))
+        opt.init(params)
+        params = train(case, opt, params, problem, 0, N)
+        job = {"case": case.name, "config": config.desc, "start": N, "stop": N + M}
+        for name in ("params", "checkpoint", "params_out", "checkpoint_out"):
+            job[name] = str(tmp_path / f"{index}-{name}.safetensors")
+        mx.save_safetensors(job["params"], dict(tree_flatten(params)))
+        opt.save(job["checkpoint"])
+        params = train(case, opt, params, problem, N, N + M)
+        expected[index] = (params, opt.state_dict())
+        jobs.append(job)
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    script = RESUME_SCRIPT.format(tests=str(pathlib.Path(__file__).parent))
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "jobs.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for index, job in enumerate(jobs):
+        params, sd = expected[index]
+        what = f"{job['case']} ({job['config']})"
+        resumed = tree_unflatten(list(mx.load(job["params_out"]).items()))
+        assert_bitwise(resumed, params, f"{what} params")
+        resumed_sd = read(job["checkpoint_out"])
+        assert_bitwise(resumed_sd["state"], sd["state"], f"{what} state")
+        assert {k: v for k, v in resumed_sd.items() if k != "state"} == \
+               {k: v for k, v in sd.items() if k != "state"}, what
+
+
+def test_state_dict_is_json_apart_from_arrays():
+    case = BY_NAME["Adam"]
+    opt = case.ours(learning_rate=0.01, amsgrad=True)
+    problem = Problem(case.shapes)
+    params = train(case, opt, problem.mlx_params(mx.float32), problem, 0, 2)
+    sd = opt.state_dict()
+    meta = {k: v for k, v in sd.items() if k != "state"}
+    assert json.loads(json.dumps(meta)) == meta
+    assert sd["optimizer"] == "Adam" and sd["version"] == 1
+    assert sd["groups"][0]["betas"] == [0.9, 0.999] and sd["groups"][0]["amsgrad"] is True
+    # A snapshot: later steps do not change it.
+    before = np.array(sd["state"]["param_state"]["layer"]["weight"]["exp_avg"])
+    train(case, opt, params, problem, 2, 3)
+    assert np.array_equal(np.array(sd["state"]["param_state"]["layer"]["weight"]["exp_avg"]), before)
+
+
+# ------------------------------------------------------------------------- bad checkpoints
+def _trained(name="Adam", steps=3, **kwargs):
+    case = BY_NAME[name]
+    problem = Problem(case.shapes)
+    opt = case.ours(**kwargs)
+    params = problem.mlx_params(mx.float32)
+    opt.init(params)
+    return train(case, opt, params, problem, 0, steps), opt
+
+
+def _drop_key(sd):
+    del sd["state"]["param_state"]["blocks"][1]["kernel"]["exp_avg_sq"]
+
+
+def _wrong_shape(sd):
+    slot = sd["state"]["param_state"]["layer"]["weight"]
+    slot["exp_avg"] = mx.zeros((3, 4))
+
+
+def _wrong_dtype(sd):
+    slot = sd["state"]["param_state"]["layer"]["weight"]
+    slot["exp_avg"] = slot["exp_avg"].astype(mx.float16)
+
+
+def _missing_parameter(sd):
+    del sd["state"]["param_state"]["layer"]
+
+
+def _missing_hyper(sd):
+    del sd["state"]["eps"]
+
+
+BAD_DICTS = [
+    (_drop_key, r"state of parameter 'blocks.1.kernel'.*lacks key\(s\) \['exp_avg_sq'\]"),
+    (_wrong_shape, r"state of parameter 'layer.weight'\['exp_avg'\].*shape \(3, 4\).*\(4, 3\)"),
+    (_wrong_dtype, r"'layer.weight'\['exp_avg'\].*dtype mlx.core.float16.*float32"),
+    (_missing_parameter, r"no state for parameter\(s\) \['layer.weight'\]"),
+    (_missing_hyper, r"state: the checkpoint lacks key\(s\) \['eps'\]"),
+]
+
+
+@pytest.mark.parametrize("damage, match", BAD_DICTS, ids=[f.__name__ for f, _ in BAD_DICTS])
+def test_bad_state_dict_raises_and_changes_nothing(damage, match, tmp_path):
+    _, source = _trained(steps=4)
+    sd = source.state_dict()
+    damage(sd)
+    _, opt = _trained(steps=2)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, before)
+
+
+def test_other_optimizers_checkpoint_raises_and_changes_nothing(tmp_path):
+    _, sgd = _trained("SGD", momentum=0.9)
+    sgd.save(tmp_path / "sgd.safetensors")
+    _, opt = _trained("Adam")
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="state of a SGD optimizer, not of a Adam"):
+        opt.load(tmp_path / "sgd.safetensors")
+    assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("cut", [1, 200, -7])
+def test_truncated_file_raises_and_changes_nothing(tmp_path, cut):
+    _, source = _trained(steps=4)
+    path = tmp_path / "opt.safetensors"
+    source.save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:cut] if cut > 0 else data[:cut])
+    _, opt = _trained(steps=2)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="damaged or truncated"):
+        opt.load(path)
+    assert_unchanged(opt, before)
+
+
+def test_flag_and_schedule_mismatches_raise_and_change_nothing(tmp_path):
+    _, source = _trained(amsgrad=True)
+    sd = source.state_dict()
+    _, opt = _trained()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="amsgrad is True in the checkpoint and False"):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, before)
+    _, scheduled = _trained(learning_rate=mlx_optim.StepLR(1e-3, step_size=2))
+    with pytest.raises(ValueError, match="learning_rate is a schedule in the checkpoint"):
+        opt.load_state_dict(scheduled.state_dict())
+    assert_unchanged(opt, before)
+    _, decayed = _trained(weight_decay=0.1)
+    with pytest.raises(ValueError, match="weight_decay"):
+        opt.load_state_dict(decayed.state_dict())
+    assert_unchanged(opt, before)
+
+
+def test_file_with_array_missing_is_damaged(tmp_path):
+    _, source = _trained()
+    path = tmp_path / "opt.safetensors"
+    source.save(path)
+    arrays, metadata = mx.load(str(path), return_metadata=True)
+    del arrays["state.param_state.layer.weight.exp_avg"]
+    mx.save_safetensors(str(path), arrays, metadata=metadata)
+    _, opt = _trained()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="damaged: array 'state.param_state.layer.weight.exp_avg' is missing"):
+        opt.load(path)
+    assert_unchanged(opt, before)
+
+
+# ------------------------------------------------------------------------ loading details
+def test_init_after_load_does_not_reinitialise(tmp_path):
+    case = BY_NAME["Adam"]
+    problem = Problem(case.shapes)
+    params, source = _trained(steps=4)
+    source.save(tmp_path / "opt.safetensors")
+    fresh = case.ours()  # no init: the checkpoint brings every slot
+    fresh.load(tmp_path / "opt.safetensors")
+    fresh.init(params)  # only fills missing slots: none
+    assert_bitwise(fresh.state_dict()["state"], source.state_dict()["state"], "after init")
+    assert_bitwise(train(case, fresh, params, problem, 4, 7),
+                   train(case, source, params, problem, 4, 7), "continued params")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.0), nn.ReLU(), nn.Linear(8, 2))
+
+    def __call__(self, x):
+        return self.layers(x)
+
+
+def _fit(model, opt, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    x, y = mx.array(rng.standard_normal((8, 4)), mx.float32), mx.array(rng.standard_normal((8, 2)), mx.float32)
+    loss_and_grad = nn.value_and_grad(model, lambda m: nn.losses.mse_loss(m(x), y))
+    for _ in range(steps):
+        _, grads = loss_and_grad(model)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+
+
+def _make_adamw():
+    return mlx_optim.AdamW(learning_rate=mlx_optim.StepLR(0.01, step_size=2, gamma=0.5),
+                           groups=[{"params": "*.bias", "weight_decay": 0.0}])
+
+
+def test_model_with_empty_subtrees_groups_and_schedule_round_trip(tmp_path):
+    mx.random.seed(0)
+    model = Net()
+    assert model.trainable_parameters()["layers"]["layers"][1] == {}  # Dropout: no parameters
+    opt = _make_adamw()
+    _fit(model, opt, 3)
+    opt.save(tmp_path / "opt.safetensors")
+    saved_params = dict(tree_flatten(model.parameters()))
+    _fit(model, opt, 3, seed=1)
+
+    resumed_model = Net()
+    resumed_model.update(tree_unflatten(list(saved_params.items())))
+    resumed = _make_adamw()
+    resumed.init(resumed_model.trainable_parameters())
+    resumed.load(tmp_path / "opt.safetensors")
+    _fit(resumed_model, resumed, 3, seed=1)
+    assert_bitwise(resumed_model.parameters(), model.parameters(), "params")
+    assert_bitwise(resumed.state_dict()["state"], opt.state_dict()["state"], "state")
+    assert resumed.param_groups[0]["learning_rate"].item() == pytest.approx(0.01 * 0.5 ** 2)
+
+
+def test_load_into_a_compiled_step_in_place(tmp_path):
+    """A step compiled over opt.state sees loaded state: load fills the same dict."""
+    case = BY_NAME["Adam"]
+    problem = Problem(case.shapes)
+    params, source = _trained(steps=3, learning_rate=0.05)
+    source.save(tmp_path / "at3.safetensors")
+    expected = train(case, source, params, problem, 3, 6)  # eager, from step 3
+
+    opt = case.ours(learning_rate=0.05)
+    start = problem.mlx_params(mx.float32)
+    opt.init(start)
+    state = [opt.state]
+    step = mx.compile(lambda p: opt.apply_gradients(problem.mlx_grads(p), p), inputs=state, outputs=state)
+    other = start
+    for _ in range(5):  # a different history that the load must replace
+        other = step(other)
+        mx.eval(other, opt.state)
+    held = opt.state
+    opt.load(tmp_path / "at3.safetensors")
+    assert opt.state is held
+    resumed = params
+    for _ in range(3):
+        resumed = step(resumed)
+        mx.eval(resumed, opt.state)
+    for (path, a), (_, b) in zip(tree_flatten(resumed), tree_flatten(expected)):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6, atol=1e-7, err_msg=path)
+    assert opt.state["step"].item() == 6
+
+
+def test_float64_state_round_trips_through_a_file(tmp_path):
+    case = BY_NAME["NAdam"]
+    problem = Problem(case.shapes)
+    opt = case.ours(learning_rate=0.01)
+    params = problem.mlx_params(mx.float64)
+    opt.init(params)
+    params = train(case, opt, params, problem, 0, 3)
+    opt.save(tmp_path / "opt.safetensors")
+    resumed = case.ours(learning_rate=0.01)
+    resumed.init(params)
+    resumed.load(tmp_path / "opt.safetensors")
+    assert_bitwise(resumed.state_dict()["state"], opt.state_dict()["state"], "state")
+    assert resumed.state["param_state"]["layer"]["weight"]["exp_avg"].dtype == mx.float64
+
+
+# ---------------------------------------------------------------------------------- LBFGS
+def _lbfgs_problem():
+    target = mx.array([1.0, -2.0, 0.5, 3.0])
+
+    def fun(p):
+        return mx.value_and_grad(lambda q: ((q["x"] - target) ** 2 * mx.arange(1, 5)).sum()
+                                 + (q["x"] ** 4).sum() * 0.01)(p)
+    return fun
+
+
+def test_lbfgs_resumes_bitwise_from_a_file(tmp_path):
+    fun = _lbfgs_problem()
+    opt = mlx_optim.LBFGS(learning_rate=0.5, max_iter=3, history_size=4)
+    params = {"x": mx.zeros(4)}
+    for _ in range(2):
+        params, _ = opt.step_tree(params, fun)
+    opt.save(tmp_path / "lbfgs.safetensors")
+    resumed = mlx_optim.LBFGS()
+    resumed.load(tmp_path / "lbfgs.safetensors")
+    assert resumed.history_size == 4 and resumed.learning_rate == 0.5
+    a, b = params, params
+    for _ in range(2):
+        a, _ = opt.step_tree(a, fun)
+        b, _ = resumed.step_tree(b, fun)
+    assert np.array_equal(np.array(a["x"]), np.array(b["x"]))
+    assert_bitwise(resumed.state_dict()["state"], opt.state_dict()["state"], "lbfgs state")
+
+
+def test_lbfgs_rejects_other_state_and_changes_nothing(tmp_path):
+    _, adam = _trained()
+    opt = mlx_optim.LBFGS(max_iter=2)
+    opt.step_tree({"x": mx.zeros(4)}, _lbfgs_problem())
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="state of a Adam optimizer, not of a LBFGS"):
+        opt.load_state_dict(adam.state_dict())
+    sd = opt.state_dict()
+    sd["state"]["d"] = mx.zeros(5)
+    with pytest.raises(ValueError, match=r"LBFGS state vector is array of shape \(5,\)"):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, before)
+
+
+# ---------------------------------------------------------------------- documentation
+FRAGMENT = pathlib.Path(__file__).resolve().parents[1] / "docs_fragments" / "checkpoint.md"
+FRAGMENT_BLOCKS = re.findall(r"```python\n(.*?)```", FRAGMENT.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(FRAGMENT_BLOCKS)))
+def test_docs_fragment_example_runs(index):
+    assert len(FRAGMENT_BLOCKS) == 4
+    exec(compile(FRAGMENT_BLOCKS[index], f"checkpoint.md block {index}", "exec"), {})
+
+
+def test_path_without_suffix_saves_and_loads_the_same_file(tmp_path):
+    params, source = _trained(steps=2)
+    source.save(tmp_path / "opt")  # MLX writes opt.safetensors
+    assert (tmp_path / "opt.safetensors").exists()
+    resumed = BY_NAME["Adam"].ours()
+    resumed.init(params)
+    resumed.load(tmp_path / "opt")
+    assert_bitwise(resumed.state_dict()["state"], source.state_dict()["state"], "state")
