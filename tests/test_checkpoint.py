@@ -2,7 +2,6 @@
 
 import json
 import pathlib
-import re
 import subprocess
 import sys
 import textwrap
@@ -403,16 +402,6 @@ def test_lbfgs_rejects_other_state_and_changes_nothing(tmp_path):
 
 
 # ---------------------------------------------------------------------- documentation
-FRAGMENT = pathlib.Path(__file__).resolve().parents[1] / "docs_fragments" / "checkpoint.md"
-FRAGMENT_BLOCKS = re.findall(r"```python\n(.*?)```", FRAGMENT.read_text(), flags=re.S)
-
-
-@pytest.mark.parametrize("index", range(len(FRAGMENT_BLOCKS)))
-def test_docs_fragment_example_runs(index):
-    assert len(FRAGMENT_BLOCKS) == 4
-    exec(compile(FRAGMENT_BLOCKS[index], f"checkpoint.md block {index}", "exec"), {})
-
-
 def test_path_without_suffix_saves_and_loads_the_same_file(tmp_path):
     params, source = _trained(steps=2)
     source.save(tmp_path / "opt")  # MLX writes opt.safetensors
