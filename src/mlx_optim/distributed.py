@@ -1,0 +1,485 @@
+"""Data-parallel training and sharded optimizer state (ZeRO stage 1) on ``mx.distributed``.
+
+Two wrappers around any optimizer (ours or ``mlx.optimizers``'), used like the optimizer:
+
+- :class:`DataParallel`: each rank computes gradients on its part of the batch; ``update``
+  averages them across ranks (flattened into buckets, one ``all_sum`` per bucket),
+  optionally clips their global norm (torch's ``clip_grad_norm_``), then steps the
+  optimizer. Every rank holds the whole optimizer state and ends with the same parameters.
+- :class:`ShardedOptimizer`: the same, but each rank holds the state of a share of the
+  parameters only (whole tensors, balanced by size) and updates only those; the new
+  parameters are then summed across ranks (each contributes its share, zeros elsewhere),
+  so every rank again holds all of them. Optimizer-state memory per rank falls to about
+  1/N. The optimizers here are per-parameter, so the result is that of the unsharded run
+  (Muon and Adafactor too: they work per tensor).
+
+Sharded state is saved one file per rank (:meth:`ShardedOptimizer.save`): a safetensors file
+and a JSON naming the parameters it holds and the world size. :meth:`ShardedOptimizer.load`
+reads every shard file of a checkpoint and keeps the parameters this rank now owns, so a
+checkpoint written by N ranks loads on M ranks.
+
+Start the ranks with ``mlx.launch``, e.g.
+``mlx.launch --backend ring -n 2 python examples/train_data_parallel.py``.
+
+Example:
+    >>> group = mx.distributed.init()
+    >>> opt = ShardedOptimizer(mlx_optim.AdamW(learning_rate=1e-3), max_grad_norm=1.0)
+    >>> opt.init(model.trainable_parameters())
+    >>> loss, grads = nn.value_and_grad(model, loss_fn)(model, x_local, y_local)
+    >>> opt.update(model, grads)   # parameters now equal on every rank
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any
+
+import mlx.core as mx
+import mlx.optimizers as mlx_optimizers
+from mlx.utils import tree_flatten, tree_unflatten
+
+DEFAULT_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb
+SHARD_FORMAT = "mlx_optim.sharded_checkpoint"
+SHARD_VERSION = 1
+
+
+# ------------------------------------------------------------------------ helpers
+def _flat(tree: Any) -> dict[str, mx.array]:
+    """``{dotted path: array}`` of a parameter or gradient tree, in tree order."""
+    return {path: x for path, x in tree_flatten(tree) if isinstance(x, mx.array)}
+
+
+def _subtree(tree: Any, keep: set[str], prefix: str = "") -> Any:
+    """``tree`` with only the array leaves whose dotted path is in ``keep``.
+
+    Lists keep their length (``{}`` marks a dropped place), so indices stay valid; both
+    our optimizers and ``mlx.optimizers`` treat ``{}`` as "no parameters here".
+    """
+    if isinstance(tree, dict):
+        kept = {k: _subtree(sub, keep, f"{prefix}{k}.") for k, sub in tree.items()}
+        return {k: sub for k, sub in kept.items() if sub is not None and sub != {}}
+    if isinstance(tree, (list, tuple)):
+        kept = [_subtree(sub, keep, f"{prefix}{i}.") for i, sub in enumerate(tree)]
+        return [{} if sub is None else sub for sub in kept]
+    return tree if isinstance(tree, mx.array) and prefix[:-1] in keep else None
+
+
+def plan_buckets(arrays: list[mx.array], bucket_bytes: int) -> list[list[int]]:
+    """Indices of ``arrays`` grouped into buckets: one dtype each, in order, at most
+    ``bucket_bytes`` (an array larger than that is a bucket of its own)."""
+    buckets: list[list[int]] = []
+    open_bucket: dict[mx.Dtype, tuple[list[int], int]] = {}  # dtype -> (indices, bytes)
+    for i, x in enumerate(arrays):
+        indices, size = open_bucket.get(x.dtype, ([], 0))
+        if indices and size + x.nbytes > bucket_bytes:
+            buckets.append(indices)
+            indices, size = [], 0
+        open_bucket[x.dtype] = (indices + [i], size + x.nbytes)
+    buckets.extend(indices for indices, _ in open_bucket.values())
+    return buckets
+
+
+def bucketed_all_sum(arrays: list[mx.array], group: mx.distributed.Group,
+                     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                     after: list[mx.array] | None = None) -> list[mx.array]:
+    """The sum across ranks of each array, with one ``all_sum`` per bucket.
+
+    Arrays of one dtype are flattened and concatenated into buckets of at most
+    ``bucket_bytes`` (an array larger than that is a bucket of its own): few large
+    messages cost less than many small ones.
+
+    The collectives are chained (each bucket's input depends on the previous sum, the
+    first on ``after``), so every rank runs them in the same order and runs all of them
+    when it evaluates any result that needs the last. Otherwise MLX's lazy graph could
+    order independent all_sums differently per rank, or skip one whose result a rank
+    does not use (a sharded rank ignores the gradients of parameters it does not own),
+    and the ranks would pair up different messages and hang.
+
+    Args:
+        arrays: the arrays to sum, the same shapes and order on every rank.
+        group: the ranks to sum over.
+        bucket_bytes: the size cap of one bucket.
+        after: arrays the first all_sum must wait for (an earlier collective's results).
+
+    Example:
+        >>> summed = bucketed_all_sum([mx.ones((2, 3)), mx.ones(4)], mx.distributed.init())
+    """
+    if group.size() == 1:
+        return list(arrays)
+    out: list[mx.array | None] = [None] * len(arrays)
+    previous = list(after or [])
+    for indices in plan_buckets(arrays, bucket_bytes):
+        flat = mx.concatenate([arrays[i].reshape(-1) for i in indices])
+        if previous:
+            flat = mx.depends([flat], previous)[0]
+        summed = mx.distributed.all_sum(flat, group=group)
+        previous = [summed]
+        offset = 0
+        for i in indices:
+            size = arrays[i].size
+            out[i] = summed[offset:offset + size].reshape(arrays[i].shape)
+            offset += size
+    return out
+
+
+def clip_grad_norm(grads: dict[str, mx.array], max_norm: float) -> tuple[dict[str, mx.array], mx.array]:
+    """Scale ``grads`` so their global L2 norm is at most ``max_norm``, as torch's
+    ``clip_grad_norm_``: ``coef = min(1, max_norm / (norm + 1e-6))``, always applied.
+
+    Returns the clipped gradients and the norm before clipping.
+    """
+    norms = [mx.sqrt(mx.sum(mx.square(g.astype(mx.float32)))) for g in grads.values()]
+    total = mx.sqrt(mx.sum(mx.square(mx.stack(norms)))) if norms else mx.array(0.0)
+    coef = mx.minimum(max_norm / (total + 1e-6), 1.0)
+    return {k: g * coef.astype(g.dtype) for k, g in grads.items()}, total
+
+
+def partition_parameters(sizes: dict[str, int], world_size: int) -> dict[str, int]:
+    """Assign whole parameters to ranks, balancing their total sizes.
+
+    Greedy, largest first: each parameter goes to the rank with the smallest total so far.
+    Ties are broken by path and by rank number, so every rank computes the same answer.
+
+    Args:
+        sizes: ``{dotted path: size}`` (bytes or elements).
+        world_size: the number of ranks.
+
+    Example:
+        >>> partition_parameters({"a": 4, "b": 3, "c": 2}, 2)
+        {'a': 0, 'b': 1, 'c': 1}
+    """
+    totals = [0] * world_size
+    owner = {}
+    for path in sorted(sizes, key=lambda p: (-sizes[p], p)):
+        rank = min(range(world_size), key=lambda r: (totals[r], r))
+        owner[path] = rank
+        totals[rank] += sizes[path]
+    return {path: owner[path] for path in sizes}
+
+
+def state_bytes(optimizer: Any) -> int:
+    """Bytes of every array in an optimizer's state (the per-rank memory it holds)."""
+    seen, total = set(), 0
+    for _, x in tree_flatten(optimizer.state):
+        if isinstance(x, mx.array) and id(x) not in seen:  # step arrays may be shared
+            seen.add(id(x))
+            total += x.nbytes
+    return total
+
+
+def _is_ours(optimizer: Any) -> bool:
+    from ._base import Optimizer
+    return isinstance(optimizer, Optimizer)
+
+
+# ---------------------------------------------------------------------- wrappers
+class DataParallel:
+    """Data-parallel training with any optimizer: gradients averaged across ranks.
+
+    Each rank computes gradients on its part of the global batch (its loss a mean over its
+    part); ``update`` sums them across ranks and divides by the number of ranks (for
+    equal parts: the gradient of the mean loss over the global batch), optionally clips
+    their global norm, and steps the optimizer. Ranks that start from equal parameters
+    stay equal. ``state`` is the optimizer's, so the ``mx.compile(step, inputs=state,
+    outputs=state)`` idiom works (``all_sum`` compiles); call ``init`` before compiling.
+
+    Args:
+        optimizer: one of ours or an ``mlx.optimizers`` optimizer.
+        group: the ranks (default: ``mx.distributed.init()``).
+        bucket_bytes: size cap of one communication bucket. Default: 25 MiB.
+        max_grad_norm: clip the averaged gradient's global L2 norm to this (torch's
+            ``clip_grad_norm_``); ``None``: no clipping.
+
+    Example:
+        >>> opt = DataParallel(mlx_optim.Adam(learning_rate=1e-3), max_grad_norm=1.0)
+        >>> loss, grads = nn.value_and_grad(model, loss_fn)(model, x_local, y_local)
+        >>> opt.update(model, grads)
+        >>> opt.last_grad_norm  # the norm before clipping, when clipping
+
+    Every rank must call ``update`` and evaluate its results (``mx.eval(model.parameters(),
+    opt.state)``): MLX runs a collective only when a rank evaluates something that needs it.
+    ``last_grad_norm`` is for eager steps; a compiled step should return the norm instead.
+    """
+
+    def __init__(self, optimizer: Any, group: mx.distributed.Group | None = None, *,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, max_grad_norm: float | None = None):
+        if not isinstance(optimizer, mlx_optimizers.Optimizer):
+            raise TypeError(f"optimizer must be an mlx_optim or mlx.optimizers optimizer, "
+                            f"got {type(optimizer).__name__}")
+        if bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
+        self.optimizer = optimizer
+        self.group = group if group is not None else mx.distributed.init()
+        self.bucket_bytes = bucket_bytes
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm: mx.array | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank()
+
+    @property
+    def world_size(self) -> int:
+        return self.group.size()
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @property
+    def learning_rate(self) -> Any:
+        return self.optimizer.learning_rate
+
+    def init(self, parameters: Any) -> None:
+        """Create the optimizer's state (before ``mx.compile``)."""
+        self.optimizer.init(parameters)
+
+    def average_gradients(self, gradients: Any) -> Any:
+        """The mean of ``gradients`` across ranks (then clipped, if ``max_grad_norm``)."""
+        return tree_unflatten(list(self._average(gradients).items()))
+
+    def _average(self, gradients: Any) -> dict[str, mx.array]:
+        flat = _flat(gradients)
+        summed = bucketed_all_sum(list(flat.values()), self.group, self.bucket_bytes)
+        n = self.world_size
+        averaged = {k: (s / n).astype(s.dtype) if n > 1 else s for k, s in zip(flat, summed)}
+        if self.max_grad_norm is not None:
+            # Every rank holds the same averaged gradient: the norm needs no communication.
+            averaged, self.last_grad_norm = clip_grad_norm(averaged, self.max_grad_norm)
+        return averaged
+
+    def apply_gradients(self, gradients: Any, parameters: Any) -> Any:
+        """Average ``gradients`` across ranks and apply them; returns updated parameters."""
+        return self.optimizer.apply_gradients(self.average_gradients(gradients), parameters)
+
+    def update(self, model: Any, gradients: Any) -> None:
+        """``model.update(self.apply_gradients(gradients, model))``, as mlx.optimizers."""
+        model.update(self.apply_gradients(gradients, model))
+
+
+class ShardedOptimizer(DataParallel):
+    """ZeRO stage 1: data parallel, each rank holding the optimizer state of its share.
+
+    Parameters are assigned to ranks whole, balanced by size (:func:`partition_parameters`,
+    on the tree given to ``init`` or the first gradient tree). ``update`` averages (and
+    clips) the gradients as :class:`DataParallel`, steps the wrapped optimizer on this
+    rank's parameters only, then sums the new parameters across ranks in buckets, each
+    rank contributing its own and zeros for the rest (``x + 0 == x``: exact), so all
+    ranks end with all parameters. Optimizer state per rank is about 1/N of the whole;
+    the parameters equal those of an unsharded run.
+
+    Args:
+        optimizer: one of ours or an ``mlx.optimizers`` optimizer, per-parameter (every
+            optimizer here except LBFGS).
+        group, bucket_bytes, max_grad_norm: as :class:`DataParallel`.
+
+    Example:
+        >>> opt = ShardedOptimizer(mlx_optim.Adam(learning_rate=1e-3))
+        >>> opt.init(model.trainable_parameters())
+        >>> opt.update(model, grads)
+        >>> opt.save("ckpt/opt")          # one shard file per rank
+        >>> opt.load("ckpt/opt")          # on any number of ranks
+    """
+
+    def __init__(self, optimizer: Any, group: mx.distributed.Group | None = None, **kwargs):
+        super().__init__(optimizer, group, **kwargs)
+        self.owner: dict[str, int] | None = None  # dotted path -> rank
+        self._shapes: dict[str, tuple[tuple[int, ...], mx.Dtype]] = {}
+
+    @property
+    def owned(self) -> list[str]:
+        """The dotted paths of the parameters whose state this rank holds."""
+        self._need_partition()
+        return [p for p, r in self.owner.items() if r == self.rank]
+
+    def _need_partition(self) -> None:
+        if self.owner is None:
+            raise ValueError("the parameters are not partitioned yet: call init(parameters) "
+                             "or update once first")
+
+    def _partition(self, parameters: Any) -> None:
+        if self.owner is not None:
+            return
+        flat = _flat(parameters)
+        self._shapes = {k: (tuple(x.shape), x.dtype) for k, x in flat.items()}
+        self.owner = partition_parameters({k: x.nbytes for k, x in flat.items()}, self.world_size)
+
+    def init(self, parameters: Any) -> None:
+        """Partition ``parameters`` across ranks and create this rank's share of the state."""
+        self._partition(parameters)
+        mine = set(self.owned)
+        self.optimizer.init(_subtree(parameters, mine))
+
+    def apply_gradients(self, gradients: Any, parameters: Any) -> Any:
+        self._partition(gradients)
+        unknown = sorted(set(_flat(gradients)) - set(self.owner))
+        if unknown:  # on every rank alike, before any collective
+            raise ValueError(f"gradient for parameter(s) {unknown[:5]} that were not "
+                             "partitioned (the tree given to init)")
+        averaged = self._average(gradients)
+        mine = {p for p in averaged if self.owner[p] == self.rank}
+        own_grads = tree_unflatten([(p, g) for p, g in averaged.items() if p in mine]) or {}
+        # Called even when this rank owns nothing, so its step count (schedules) advances.
+        updated = _flat(self.optimizer.apply_gradients(own_grads, parameters))
+        contributions = [updated[p] if p in mine else mx.zeros(*self._shapes[p]) for p in averaged]
+        # After every gradient bucket: also those whose sums this rank does not use.
+        gathered = bucketed_all_sum(contributions, self.group, self.bucket_bytes,
+                                    after=list(averaged.values()))
+        return tree_unflatten(list(zip(averaged, gathered)))
+
+    # -------------------------------------------------------------- checkpoints
+    def _shard_name(self, rank: int, world_size: int) -> str:
+        return f"shard-{rank:05d}-of-{world_size:05d}"
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            mx.eval(mx.distributed.all_sum(mx.array(1.0), group=self.group))
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write this rank's shard into ``directory``; every rank calls it.
+
+        Files: ``shard-RRRRR-of-WWWWW.safetensors`` (the optimizer state of this rank's
+        parameters; for our optimizers the format of :mod:`mlx_optim.checkpoint`) and
+        ``shard-RRRRR-of-WWWWW.json`` (world size, rank, the parameters it holds). Shards
+        of another world size left in ``directory`` are removed first, and ``save``
+        returns once every rank's shard is written (so a ``load`` may follow at once).
+        On several machines, ``directory`` must be storage they share.
+        """
+        self._need_partition()
+        directory = str(directory)
+        os.makedirs(directory, exist_ok=True)
+        if self.rank == 0:  # an older checkpoint of another world size would be mixed in
+            for path in glob.glob(os.path.join(directory, "shard-*-of-*.*")):
+                if not os.path.basename(path).split(".")[0].endswith(f"-of-{self.world_size:05d}"):
+                    os.remove(path)
+        self._barrier()
+        base = os.path.join(directory, self._shard_name(self.rank, self.world_size))
+        if _is_ours(self.optimizer):
+            self.optimizer.save(base + ".safetensors")
+        else:
+            mx.save_safetensors(base + ".safetensors", _flat(self.optimizer.state))
+        index = {"format": SHARD_FORMAT, "version": SHARD_VERSION,
+                 "optimizer": type(self.optimizer).__name__, "world_size": self.world_size,
+                 "rank": self.rank, "owned": self.owned,
+                 "shapes": {p: list(self._shapes[p][0]) for p in self.owned}}
+        with open(base + ".json", "w") as f:
+            json.dump(index, f, indent=1)
+        self._barrier()
+
+    def load(self, directory: str | os.PathLike) -> None:
+        """Load this rank's share from the shards in ``directory``, written by any number
+        of ranks: the state of each parameter this rank now owns is read from the shard
+        that held it. Call ``init(parameters)`` first (it fixes the partition).
+
+        Raises ``ValueError`` when shards are missing, disagree, or lack a parameter.
+        """
+        self._need_partition()
+        indexes = _read_indexes(str(directory), type(self.optimizer).__name__)
+        holder = {}
+        for rank, index in enumerate(indexes):
+            for path in index["owned"]:
+                holder[path] = rank
+        missing = sorted(set(self.owner) - set(holder))
+        if missing:
+            raise ValueError(f"the checkpoint in {directory!r} has no state for parameter(s) "
+                             f"{missing[:5]}")
+        for path, rank in holder.items():
+            saved = tuple(indexes[rank]["shapes"].get(path, ()))
+            if path in self._shapes and saved != self._shapes[path][0]:
+                raise ValueError(f"parameter {path!r} has shape {saved} in the checkpoint and "
+                                 f"{self._shapes[path][0]} here")
+        world = len(indexes)
+        files = {r: os.path.join(str(directory), self._shard_name(r, world) + ".safetensors")
+                 for r in range(world)}
+        mine = self.owned
+        needed = sorted({0} | {holder[p] for p in mine})
+        if _is_ours(self.optimizer):
+            self._load_ours(files, needed, holder, mine)
+        else:
+            self._load_mlx(files, needed, holder, mine)
+
+    def _load_ours(self, files, needed, holder, mine) -> None:
+        from . import checkpoint
+        from ._base import _slots
+
+        shards = {r: checkpoint.read(files[r]) for r in needed}
+        slots = {}
+        for r in needed:
+            for keys, slot in _slots(shards[r]["state"]["param_state"]):
+                path = ".".join(str(k) for k in keys)
+                if path in mine and holder[path] == r:
+                    slots[path] = (keys, slot)
+        # Each parameter gets its own step class here; the optimizer merges equal ones
+        # again at its next step (speed only: the math is per parameter).
+        param_state: dict = {}
+        classes, class_of = [], {}
+        for path in mine:
+            keys, slot = slots[path]
+            slot = dict(slot)
+            class_of[path] = len(classes)
+            classes.append(slot["step"])
+            _insert(param_state, keys, slot)
+        merged = dict(shards[0])
+        merged["state"] = {**shards[0]["state"], "param_state": param_state,
+                           "step_classes": classes}
+        merged["step_class_of"] = class_of
+        checkpoint.load_state_dict(self.optimizer, merged)
+        self.optimizer._class_of = None  # rebuild the shared step sets from the values
+
+    def _load_mlx(self, files, needed, holder, mine) -> None:
+        owners = set(holder)
+        arrays: dict[str, mx.array] = {}
+        for r in needed:
+            shard = mx.load(files[r])
+            for key, value in shard.items():
+                path = next((p for p in owners if key.startswith(p + ".")), None)
+                if path is None:  # global entries (step, learning_rate): from shard 0
+                    if r == 0:
+                        arrays[key] = value
+                elif path in mine and holder[path] == r:
+                    arrays[key] = value
+        self.optimizer.state = tree_unflatten(list(arrays.items()))
+
+
+def _read_indexes(directory: str, optimizer_name: str) -> list[dict]:
+    paths = sorted(glob.glob(os.path.join(directory, "shard-*-of-*.json")))
+    if not paths:
+        raise ValueError(f"no sharded optimizer checkpoint in {directory!r}")
+    indexes = []
+    for path in paths:
+        with open(path) as f:
+            try:
+                indexes.append(json.load(f))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"damaged shard index {path!r}: {error}") from None
+    for index in indexes:
+        if index.get("format") != SHARD_FORMAT or index.get("version") != SHARD_VERSION:
+            raise ValueError(f"{directory!r} holds a shard index of another format or version")
+        if index["optimizer"] != optimizer_name:
+            raise ValueError(f"the checkpoint holds {index['optimizer']} state, not {optimizer_name}")
+    worlds = {index["world_size"] for index in indexes}
+    ranks = sorted(index["rank"] for index in indexes)
+    if len(worlds) != 1 or ranks != list(range(worlds.pop())):
+        raise ValueError(f"the shards in {directory!r} do not form one checkpoint "
+                         f"(ranks {ranks} of world sizes {sorted({i['world_size'] for i in indexes})})")
+    return sorted(indexes, key=lambda index: index["rank"])
+
+
+def _insert(tree: dict, keys: tuple, value: Any) -> None:
+    """Put ``value`` at ``keys`` in a state tree, growing lists (``{}`` marks an empty place)."""
+    node = tree
+    for key, next_key in zip(keys[:-1], keys[1:]):
+        if isinstance(node, list):
+            node.extend({} for _ in range(key + 1 - len(node)))
+            if not node[key]:
+                node[key] = [] if isinstance(next_key, int) else {}
+        elif key not in node:
+            node[key] = [] if isinstance(next_key, int) else {}
+        node = node[key]
+    if isinstance(node, list):
+        node.extend({} for _ in range(keys[-1] + 1 - len(node)))
+    node[keys[-1]] = value
