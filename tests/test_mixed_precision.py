@@ -93,3 +93,28 @@ def test_master_weights_track_float32_torch_far_closer_than_plain_bf16():
     print(f"max distance to float32 torch: plain bf16 {plain_distance:.2e}, "
           f"master weights {mixed_distance:.2e}")
     assert mixed_distance < plain_distance / 5
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop", "Adafactor"])
+def test_float32_state_for_bf16_parameters(name):
+    """``state_dtype``: bf16 weights keep their dtype, their moments are float32
+    (bfloat16 without the option, as in torch)."""
+    kwargs = {"SGD": {"momentum": 0.9}}.get(name, {})
+    problem = Problem(SHAPES, seed=5)
+    runs = {}
+    for state_dtype in (None, mx.float32):
+        params = tree_map(lambda p: p.astype(mx.bfloat16), problem.mlx_params(mx.float32))
+        opt = getattr(mlx_optim, name)(learning_rate=1e-2, **kwargs)
+        opt.state_dtype = state_dtype
+        opt.init(params)
+        for _ in range(20):
+            params = opt.apply_gradients(_grads(problem, params), params)
+        mx.eval(params, opt.state)
+        runs[state_dtype] = (params, opt)
+    params, opt = runs[mx.float32]
+    assert all(p.dtype == mx.bfloat16 for _, p in tree_flatten(params))
+    slot = opt.state["param_state"]["layer"]["weight"]
+    moments = {k: v for k, v in slot.items() if k != "step" and v.ndim}
+    assert moments and all(v.dtype == mx.float32 for v in moments.values())
+    plain = runs[None][1].state["param_state"]["layer"]["weight"]
+    assert all(plain[k].dtype == mx.bfloat16 for k in moments)

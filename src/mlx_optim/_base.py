@@ -172,6 +172,10 @@ class Optimizer(mlx_optim.Optimizer):
     # particular point of its math (Adafactor reads the parameter's RMS before decaying).
     # It then receives ``weight_decay``: an array, or None when the group's is zero.
     own_weight_decay: bool = False
+    # The dtype of state arrays that would otherwise take the parameter's dtype; set it
+    # (``opt.state_dtype = mx.float32``) before the state is created to keep bfloat16 or
+    # float16 parameters' moments in float32. None: the parameter's dtype, as torch.
+    state_dtype: mx.Dtype | None = None
     # Row-sparse gradients (RowSparseGrad) accepted: update_fn then runs on the gathered
     # rows of the parameter and of every state array shaped like it.
     row_sparse: bool = False
@@ -343,7 +347,11 @@ class Optimizer(mlx_optim.Optimizer):
                 cls = new_classes[(index, param.dtype)] = self._new_step_class(mx.array(0, dtype=mx.int32))
             self._class_of[path] = cls
             slot = {"step": self._state["step_classes"][cls]}
-            slot.update(self.init_state(param, self._hypers(index), self._active[index]))
+            state = self.init_state(param, self._hypers(index), self._active[index])
+            if self.state_dtype is not None:  # e.g. float32 moments for bfloat16 weights
+                state = {k: v.astype(self.state_dtype) if v.dtype == param.dtype else v
+                         for k, v in state.items()}
+            slot.update(state)
             self._put_slot(keys, slot)
         if len(self._group_selectors) > 1 and created:
             used = {self._group_of(_dotted(k), p) for k, p in _leaves(parameters) if isinstance(p, mx.array)}
