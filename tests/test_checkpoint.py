@@ -410,3 +410,37 @@ def test_path_without_suffix_saves_and_loads_the_same_file(tmp_path):
     resumed.init(params)
     resumed.load(tmp_path / "opt")
     assert_bitwise(resumed.state_dict()["state"], source.state_dict()["state"], "state")
+
+
+def test_reduce_on_plateau_is_saved_and_restored_with_the_optimizer(tmp_path):
+    """ReduceLROnPlateau attached to an optimizer travels in its checkpoint; a checkpoint
+    without it (or an optimizer without one) is refused and changes nothing."""
+    def build():
+        opt = mlx_optim.SGD(learning_rate=0.1, momentum=0.9)
+        return opt, mlx_optim.ReduceLROnPlateau(opt, patience=1, factor=0.5)
+
+    opt, plateau = build()
+    params = {"w": mx.ones((3,))}
+    for metric in (1.0, 1.0, 1.0, 1.0, 0.5):
+        params = opt.apply_gradients({"w": mx.ones((3,))}, params)
+        plateau.step(metric)
+    assert opt.learning_rate.item() < 0.1  # it did reduce
+    opt.save(tmp_path / "ckpt")
+
+    resumed, resumed_plateau = build()
+    resumed.init(params)
+    resumed.load(tmp_path / "ckpt")
+    assert resumed_plateau.state_dict() == plateau.state_dict()
+    assert resumed.learning_rate.item() == opt.learning_rate.item()
+    for metric in (0.7, 0.7, 0.7):  # both continue identically
+        plateau.step(metric)
+        resumed_plateau.step(metric)
+    assert resumed.learning_rate.item() == opt.learning_rate.item()
+
+    bare = mlx_optim.SGD(learning_rate=0.1, momentum=0.9)
+    bare.init(params)
+    before = bare.state_dict()
+    with pytest.raises(ValueError, match="attached scheduler"):
+        bare.load(tmp_path / "ckpt")
+    after = bare.state_dict()
+    assert after["groups"] == before["groups"] and after["attached"] == []

@@ -196,6 +196,9 @@ class Optimizer(mlx_optim.Optimizer):
         self._group_selectors: list[Any] = [None]
         self._schedules: dict[tuple[int, str, int | None], Callable] = {}
         self._group_cache: dict[str, int] = {}
+        # Stateful companions saved in this optimizer's checkpoints (ReduceLROnPlateau
+        # appends itself); they need ``state_dict()`` / ``load_state_dict()``.
+        self.attached: list[Any] = []
         for name in self._defaults:
             if name in _RESERVED:
                 raise ValueError(f"{name!r} is reserved and cannot be a hyperparameter")

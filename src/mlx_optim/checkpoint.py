@@ -66,6 +66,7 @@ def state_dict(opt: Any) -> dict:
                    for values in opt._group_values],
         "active": [dict(active) for active in opt._active],
         "step_class_of": dict(opt._class_of),
+        "attached": [{"type": type(obj).__name__, "state": obj.state_dict()} for obj in opt.attached],
         "state": _copy_tree(opt.state),
     }
 
@@ -91,7 +92,27 @@ def load_state_dict(opt: Any, sd: dict) -> None:
     if isinstance(opt, LBFGS):
         _load_lbfgs(opt, sd)
     else:
+        attached = _check_attached(opt, sd.get("attached", []))
         _load_base(opt, sd)
+        for obj, saved in zip(opt.attached, attached):
+            obj.load_state_dict(saved["state"])
+
+
+def _check_attached(opt: Any, saved: Any) -> list:
+    """The saved states of the optimizer's attached schedulers, checked against them."""
+    have = [type(obj).__name__ for obj in opt.attached]
+    if not isinstance(saved, list) or not all(isinstance(s, dict) and "type" in s and "state" in s
+                                              for s in saved):
+        raise ValueError("the checkpoint's attached scheduler states are damaged")
+    kept = [s["type"] for s in saved]
+    if kept != have:
+        raise ValueError(f"the checkpoint holds the state of attached scheduler(s) {kept}, "
+                         f"this optimizer has {have} attached")
+    for obj, s in zip(opt.attached, saved):
+        if set(s["state"]) != set(obj.state_dict()):
+            raise ValueError(f"the checkpoint's {s['type']} state has keys {sorted(s['state'])}, "
+                             f"expected {sorted(obj.state_dict())}")
+    return saved
 
 
 # ----------------------------------------------------------------------------- files

@@ -835,6 +835,10 @@ class ReduceLROnPlateau:
         self.last_epoch = 0
         self.best, self.cooldown_counter, self.num_bad_epochs = self.mode_worse, 0, 0
         self._last_lr = [get() for get, _ in _rate_slots(optimizer)]
+        # Ours keep attached stateful schedulers in their checkpoints (opt.save / load).
+        attached = getattr(optimizer, "attached", None)
+        if isinstance(attached, list):
+            attached.append(self)
 
     def _set_mode(self, mode: str, threshold: float, threshold_mode: str) -> None:
         if mode not in ("min", "max"):
