@@ -1,7 +1,6 @@
 """Checkpoints: resume == uninterrupted (bitwise, in a new process), and bad files change nothing."""
 
 import json
-import pathlib
 import subprocess
 import sys
 import textwrap
@@ -15,20 +14,11 @@ from mlx.utils import tree_flatten, tree_unflatten
 import mlx_optim
 from mlx_optim.checkpoint import read
 from mlx_optim.parity.cases import BY_NAME, config_params, ours_kwargs
-from mlx_optim.parity.harness import Problem
+from mlx_optim.parity.harness import Problem, continue_ours
 
 N, M = 5, 4  # steps before the checkpoint, steps after it
 
 
-def train(case, opt, params, problem, start, stop):
-    """The harness's closed loop, steps ``start`` .. ``stop - 1`` (eager)."""
-    for i in range(start, stop):
-        grads = problem.mlx_grads(params)
-        if case.grad_kind == "row-sparse":
-            grads = problem.mlx_row_sparse(grads, problem.touched_rows(i))
-        params = opt.apply_gradients(grads, params)
-        mx.eval(params, opt.state)
-    return params
 
 
 def leaves(tree, prefix=""):
@@ -79,9 +69,7 @@ RESUME_SCRIPT = textwrap.dedent("""
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
     from mlx_optim.parity.cases import BY_NAME, ours_kwargs
-    from mlx_optim.parity.harness import Problem
-    sys.path.insert(0, {tests!r})
-    from test_checkpoint import train
+    from mlx_optim.parity.harness import Problem, continue_ours
 
     for job in json.load(open(sys.argv[1])):
         case = BY_NAME[job["case"]]
@@ -91,7 +79,7 @@ RESUME_SCRIPT = textwrap.dedent("""
         opt = case.ours(**ours_kwargs(config.kwargs))
         opt.init(params)
         opt.load(job["checkpoint"])
-        params = train(case, opt, params, problem, job["start"], job["stop"])
+        params = continue_ours(case, opt, params, problem, job["start"], job["stop"])
         mx.save_safetensors(job["params_out"], dict(tree_flatten(params)))
         opt.save(job["checkpoint_out"])
 """)
@@ -106,17 +94,17 @@ def test_resume_in_a_new_process_is_bitwise(tmp_path):
         params = problem.mlx_params(mx.float32)
         opt = case.ours(**ours_kwargs(config.kwargs))
         opt.init(params)
-        params = train(case, opt, params, problem, 0, N)
+        params = continue_ours(case, opt, params, problem, 0, N)
         job = {"case": case.name, "config": config.desc, "start": N, "stop": N + M}
         for name in ("params", "checkpoint", "params_out", "checkpoint_out"):
             job[name] = str(tmp_path / f"{index}-{name}.safetensors")
         mx.save_safetensors(job["params"], dict(tree_flatten(params)))
         opt.save(job["checkpoint"])
-        params = train(case, opt, params, problem, N, N + M)
+        params = continue_ours(case, opt, params, problem, N, N + M)
         expected[index] = (params, opt.state_dict())
         jobs.append(job)
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    script = RESUME_SCRIPT.format(tests=str(pathlib.Path(__file__).parent))
+    script = RESUME_SCRIPT
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "jobs.json")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -135,7 +123,7 @@ def test_state_dict_is_json_apart_from_arrays():
     case = BY_NAME["Adam"]
     opt = case.ours(learning_rate=0.01, amsgrad=True)
     problem = Problem(case.shapes)
-    params = train(case, opt, problem.mlx_params(mx.float32), problem, 0, 2)
+    params = continue_ours(case, opt, problem.mlx_params(mx.float32), problem, 0, 2)
     sd = opt.state_dict()
     meta = {k: v for k, v in sd.items() if k != "state"}
     assert json.loads(json.dumps(meta)) == meta
@@ -143,7 +131,7 @@ def test_state_dict_is_json_apart_from_arrays():
     assert sd["groups"][0]["betas"] == [0.9, 0.999] and sd["groups"][0]["amsgrad"] is True
     # A snapshot: later steps do not change it.
     before = np.array(sd["state"]["param_state"]["layer"]["weight"]["exp_avg"])
-    train(case, opt, params, problem, 2, 3)
+    continue_ours(case, opt, params, problem, 2, 3)
     assert np.array_equal(np.array(sd["state"]["param_state"]["layer"]["weight"]["exp_avg"]), before)
 
 
@@ -154,7 +142,7 @@ def _trained(name="Adam", steps=3, **kwargs):
     opt = case.ours(**kwargs)
     params = problem.mlx_params(mx.float32)
     opt.init(params)
-    return train(case, opt, params, problem, 0, steps), opt
+    return continue_ours(case, opt, params, problem, 0, steps), opt
 
 
 def _drop_key(sd):
@@ -266,8 +254,8 @@ def test_init_after_load_does_not_reinitialise(tmp_path):
     fresh.load(tmp_path / "opt.safetensors")
     fresh.init(params)  # only fills missing slots: none
     assert_bitwise(fresh.state_dict()["state"], source.state_dict()["state"], "after init")
-    assert_bitwise(train(case, fresh, params, problem, 4, 7),
-                   train(case, source, params, problem, 4, 7), "continued params")
+    assert_bitwise(continue_ours(case, fresh, params, problem, 4, 7),
+                   continue_ours(case, source, params, problem, 4, 7), "continued params")
 
 
 class Net(nn.Module):
@@ -321,7 +309,7 @@ def test_load_into_a_compiled_step_in_place(tmp_path):
     problem = Problem(case.shapes)
     params, source = _trained(steps=3, learning_rate=0.05)
     source.save(tmp_path / "at3.safetensors")
-    expected = train(case, source, params, problem, 3, 6)  # eager, from step 3
+    expected = continue_ours(case, source, params, problem, 3, 6)  # eager, from step 3
 
     opt = case.ours(learning_rate=0.05)
     start = problem.mlx_params(mx.float32)
@@ -350,7 +338,7 @@ def test_float64_state_round_trips_through_a_file(tmp_path):
     opt = case.ours(learning_rate=0.01)
     params = problem.mlx_params(mx.float64)
     opt.init(params)
-    params = train(case, opt, params, problem, 0, 3)
+    params = continue_ours(case, opt, params, problem, 0, 3)
     opt.save(tmp_path / "opt.safetensors")
     resumed = case.ours(learning_rate=0.01)
     resumed.init(params)

@@ -7,6 +7,7 @@ import torch
 from mlx.utils import tree_flatten
 
 import mlx_optim
+from mlx_optim.parity.harness import continue_ours
 from mlx_optim.checkpoint import load_torch_state_dict, to_torch_state_dict
 from mlx_optim.parity.cases import BY_NAME, config_id, config_params, ours_kwargs
 from mlx_optim.parity.harness import Problem, compare_with_torch
@@ -22,14 +23,6 @@ def _torch_steps(case, problem, params, opt, start, stop):
         opt.step()
 
 
-def _our_steps(case, problem, params, opt, start, stop):
-    for i in range(start, stop):
-        grads = problem.mlx_grads(params)
-        if case.grad_kind == "row-sparse":
-            grads = problem.mlx_row_sparse(grads, problem.touched_rows(i))
-        params = opt.apply_gradients(grads, params)
-        mx.eval(params, opt.state)
-    return params
 
 
 def _mlx_like(problem, torch_params):
@@ -53,7 +46,7 @@ def test_ours_continues_from_torchs_state(pair):
         assert opt.state["param_state"]["layer"]["weight"]["step"].item() == N
 
     _torch_steps(case, problem, torch_params, torch_opt, N, N + M)
-    params = _our_steps(case, problem, params, opt, N, N + M)
+    params = continue_ours(case, opt, params, problem, N, N + M)
     compare_with_torch(params, opt, torch_params, torch_opt, case.tolerance["float32"])
 
 
@@ -65,13 +58,13 @@ def test_torch_continues_from_our_state(name):
     params = problem.mlx_params(mx.float32)
     opt = case.ours(**ours_kwargs(config.kwargs))
     opt.init(params)
-    params = _our_steps(case, problem, params, opt, 0, N)
+    params = continue_ours(case, opt, params, problem, 0, N)
 
     torch_params = [torch.tensor(np.array(a), requires_grad=True) for _, a in tree_flatten(params)]
     torch_opt = case.torch_cls(torch_params, **config.kwargs)
     torch_opt.load_state_dict(to_torch_state_dict(opt, [k for k, _ in tree_flatten(params)]))
     _torch_steps(case, problem, torch_params, torch_opt, N, N + M)
-    params = _our_steps(case, problem, params, opt, N, N + M)
+    params = continue_ours(case, opt, params, problem, N, N + M)
     compare_with_torch(params, opt, torch_params, torch_opt, case.tolerance["float32"])
 
 
@@ -94,7 +87,7 @@ def test_torch_file_with_groups(tmp_path):
     assert opt.param_groups[1]["learning_rate"].item() == pytest.approx(0.05)
     assert opt.param_groups[0]["weight_decay"].item() == pytest.approx(0.1)
     _torch_steps(case, problem, torch_params, torch_opt, N, N + M)
-    params = _our_steps(case, problem, params, opt, N, N + M)
+    params = continue_ours(case, opt, params, problem, N, N + M)
     compare_with_torch(params, opt, torch_params, torch_opt, 1e-5)
 
     amsgrad = mlx_optim.AdamW(amsgrad=True, groups=[{"params": "blocks.*", "weight_decay": 0.2}])

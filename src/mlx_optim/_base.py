@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator, Sequence
 import mlx.core as mx
 import mlx.optimizers as mlx_optim
 
+from ._checkpointable import Checkpointable
 from ._math import cast
 from ._validate import Rule, check, scalar_value
 from .sparse import RowSparseGrad
@@ -147,7 +148,7 @@ class ParamGroup(MutableMapping):
         return f"ParamGroup({self._index}, {dict(self)})"
 
 
-class Optimizer(mlx_optim.Optimizer):
+class Optimizer(Checkpointable, mlx_optim.Optimizer):
     """Base class of the torch-parity optimizers.
 
     Subclasses set ``rules`` (validation, see ``_validate``), ``update_fn`` (the pure
@@ -418,18 +419,7 @@ class Optimizer(mlx_optim.Optimizer):
         return slot if is_slot(slot) else None
 
     def _put_slot(self, keys: tuple, slot: dict) -> None:
-        """Insert ``slot`` at ``keys``, growing the mirror tree (lists for int keys)."""
-        node = self._state["param_state"]
-        for key, next_key in zip(keys[:-1], keys[1:]):
-            if isinstance(node, list):
-                node.extend({} for _ in range(key + 1 - len(node)))
-            if isinstance(node, list) or key not in node:
-                if isinstance(node, dict) or not node[key]:  # {} marks an empty place
-                    node[key] = [] if isinstance(next_key, int) else {}
-            node = node[key]
-        if isinstance(node, list):
-            node.extend({} for _ in range(keys[-1] + 1 - len(node)))
-        node[keys[-1]] = slot
+        insert_slot(self._state["param_state"], keys, slot)
 
     def _hypers(self, index: int) -> dict[str, Any]:
         """The group's current values: scalar arrays (``scalar_dtype``) and flags.
@@ -594,28 +584,6 @@ class Optimizer(mlx_optim.Optimizer):
     def _prepare_gradient(self, grad: Any, dtype: mx.Dtype) -> mx.array:
         return _cast(grad, dtype)
 
-    # ------------------------------------------------------------------- checkpoints
-    # The substance lives in checkpoint.py (imported lazily: it imports this module).
-    def state_dict(self) -> dict:
-        """The complete state: arrays, group values, flags, type and format version."""
-        from .checkpoint import state_dict
-        return state_dict(self)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Validate ``state_dict`` fully, then load it in place (``ValueError`` on mismatch)."""
-        from .checkpoint import load_state_dict
-        load_state_dict(self, state_dict)
-
-    def save(self, path) -> None:
-        """Write the state to a ``.safetensors`` file (see :mod:`mlx_optim.checkpoint`)."""
-        from .checkpoint import save
-        save(self, path)
-
-    def load(self, path) -> None:
-        """Load a file written by :meth:`save`, validated first (``ValueError`` on mismatch)."""
-        from .checkpoint import load
-        load(self, path)
-
     # mlx.optimizers.Optimizer hooks that this design replaces
     def init_single(self, parameter, state):  # pragma: no cover - not used
         raise NotImplementedError("mlx_optim optimizers initialise state in init()")
@@ -648,6 +616,23 @@ def _write_rows(table: mx.array, rows: mx.array, values: mx.array) -> mx.array:
     out = mx.array(table)  # a new handle: the caller's array is never written into
     out[rows] = values
     return out
+
+
+def insert_slot(root: dict, keys: tuple, slot: dict) -> None:
+    """Put ``slot`` at ``keys`` in a ``param_state`` tree, growing it (lists for int keys;
+    ``{}`` marks an empty place in a list)."""
+    node = root
+    for key, next_key in zip(keys[:-1], keys[1:]):
+        if isinstance(node, list):
+            node.extend({} for _ in range(key + 1 - len(node)))
+            if not node[key]:
+                node[key] = [] if isinstance(next_key, int) else {}
+        elif key not in node:
+            node[key] = [] if isinstance(next_key, int) else {}
+        node = node[key]
+    if isinstance(node, list):
+        node.extend({} for _ in range(keys[-1] + 1 - len(node)))
+    node[keys[-1]] = slot
 
 
 def _slots(tree: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, dict]]:

@@ -37,6 +37,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from ._base import _as_array, _lookup, _slots, insert_slot, is_slot
+
 FORMAT = "mlx_optim.checkpoint"
 VERSION = 1
 METADATA_KEY = "mlx_optim"
@@ -280,7 +282,6 @@ def _same_keys(saved: dict, current: dict, where: str) -> None:
 
 def _saved_slots(tree: Any, where: str, prefix: tuple = ()) -> list[tuple[tuple, dict]]:
     """(key path, slot) of a saved ``param_state`` tree, checking what each slot holds."""
-    from ._base import is_slot
 
     if is_slot(tree):
         for key, value in tree.items():
@@ -309,7 +310,6 @@ def _dot(keys: tuple) -> str:
 
 
 def _load_base(opt: Any, sd: dict) -> None:
-    from ._base import _slots
 
     for key in ("groups", "active", "step_class_of"):
         if key not in sd:
@@ -476,22 +476,6 @@ def _from_torch_value(value: Any) -> Any:
     return value
 
 
-def _insert(root: dict, keys: tuple, slot: dict) -> None:
-    """Put ``slot`` at ``keys`` in a param_state tree, lists for int keys ({} marks a gap)."""
-    node = root
-    for key, next_key in zip(keys[:-1], keys[1:]):
-        if isinstance(node, list):
-            node.extend({} for _ in range(key + 1 - len(node)))
-            if not node[key]:
-                node[key] = [] if isinstance(next_key, int) else {}
-        elif key not in node:
-            node[key] = [] if isinstance(next_key, int) else {}
-        node = node[key]
-    if isinstance(node, list):
-        node.extend({} for _ in range(keys[-1] + 1 - len(node)))
-    node[keys[-1]] = slot
-
-
 def load_torch_state_dict(opt: Any, torch_state_dict: Any, paths: list[str], parameters: Any) -> None:
     """Load a ``torch.optim`` optimizer's ``state_dict()`` into ``opt`` (validated, in place).
 
@@ -517,7 +501,6 @@ def load_torch_state_dict(opt: Any, torch_state_dict: Any, paths: list[str], par
         >>> paths = [k for k, _ in tree_flatten(model.trainable_parameters())]
         >>> load_torch_state_dict(opt, torch_opt.state_dict(), paths, model.trainable_parameters())
     """
-    from ._base import _as_array, _lookup
     import numpy as np
 
     if isinstance(torch_state_dict, (str, os.PathLike)):
@@ -603,7 +586,7 @@ def load_torch_state_dict(opt: Any, torch_state_dict: Any, paths: list[str], par
             # which is all our SGD reads from the step.
             slot["step"] = mx.array(1, dtype=mx.int32)
         steps.append(slot["step"].item())
-        _insert(param_state, keys, slot)
+        insert_slot(param_state, keys, slot)
 
     # One step array per set of slots whose step and scalar state are equal (see _base).
     classes, class_of, by_value = [], {}, {}
@@ -650,7 +633,6 @@ def to_torch_state_dict(opt: Any, paths: list[str]) -> dict:
     import numpy as np
     import torch
 
-    from ._base import _lookup
 
     state, members = {}, {}
     for i, path in enumerate(paths):

@@ -40,6 +40,8 @@ import mlx.core as mx
 import mlx.optimizers as mlx_optimizers
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ._base import Optimizer, _slots, insert_slot
+
 DEFAULT_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb
 SHARD_FORMAT = "mlx_optim.sharded_checkpoint"
 SHARD_VERSION = 1
@@ -170,7 +172,6 @@ def state_bytes(optimizer: Any) -> int:
 
 
 def _is_ours(optimizer: Any) -> bool:
-    from ._base import Optimizer
     return isinstance(optimizer, Optimizer)
 
 
@@ -404,7 +405,6 @@ class ShardedOptimizer(DataParallel):
 
     def _load_ours(self, files, needed, holder, mine) -> None:
         from . import checkpoint
-        from ._base import _slots
 
         shards = {r: checkpoint.read(files[r]) for r in needed}
         slots = {}
@@ -422,7 +422,7 @@ class ShardedOptimizer(DataParallel):
             slot = dict(slot)
             class_of[path] = len(classes)
             classes.append(slot["step"])
-            _insert(param_state, keys, slot)
+            insert_slot(param_state, keys, slot)
         merged = dict(shards[0])
         merged["state"] = {**shards[0]["state"], "param_state": param_state,
                            "step_classes": classes}
@@ -469,17 +469,3 @@ def _read_indexes(directory: str, optimizer_name: str) -> list[dict]:
     return sorted(indexes, key=lambda index: index["rank"])
 
 
-def _insert(tree: dict, keys: tuple, value: Any) -> None:
-    """Put ``value`` at ``keys`` in a state tree, growing lists (``{}`` marks an empty place)."""
-    node = tree
-    for key, next_key in zip(keys[:-1], keys[1:]):
-        if isinstance(node, list):
-            node.extend({} for _ in range(key + 1 - len(node)))
-            if not node[key]:
-                node[key] = [] if isinstance(next_key, int) else {}
-        elif key not in node:
-            node[key] = [] if isinstance(next_key, int) else {}
-        node = node[key]
-    if isinstance(node, list):
-        node.extend({} for _ in range(keys[-1] + 1 - len(node)))
-    node[keys[-1]] = value

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
+from ._checkpointable import Checkpointable
 from ._linesearch import strong_wolfe
 from ._validate import LEARNING_RATE, at_least, check, scalar_value
 
@@ -99,7 +100,7 @@ def _finite_loss(loss: Any, grad: mx.array) -> float:
     return loss
 
 
-class LBFGS:
+class LBFGS(Checkpointable):
     r"""Limited-memory BFGS, identical step for step to ``torch.optim.LBFGS``.
 
     Each :meth:`step` runs up to ``max_iter`` quasi-Newton iterations on a closure that
@@ -191,27 +192,6 @@ class LBFGS:
         self.state: dict[str, Any] = dict(
             func_evals=0, n_iter=0, d=None, t=None, old_dirs=[], old_stps=[], ro=[],
             H_diag=1.0, prev_flat_grad=None, prev_loss=None, status=None)
-
-    # Checkpoints: see mlx_optim.checkpoint (imported lazily, as in the base class).
-    def state_dict(self) -> dict:
-        """Hyperparameters and the history (arrays and Python numbers), type and version."""
-        from .checkpoint import state_dict
-        return state_dict(self)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Validate ``state_dict`` fully, then load it (``ValueError`` on mismatch)."""
-        from .checkpoint import load_state_dict
-        load_state_dict(self, state_dict)
-
-    def save(self, path) -> None:
-        """Write the state to a ``.safetensors`` file."""
-        from .checkpoint import save
-        save(self, path)
-
-    def load(self, path) -> None:
-        """Load a file written by :meth:`save`, validated first."""
-        from .checkpoint import load
-        load(self, path)
 
     def step(self, model: Any, closure: Callable[[], tuple[mx.array, Any]]) -> mx.array:
         """Run one torch ``step`` on ``model``'s trainable parameters; return the loss before it.

@@ -131,6 +131,18 @@ def run_ours(case, config, dtype_name, steps=12, compiled=False, problem=None, o
     return params, opt
 
 
+def continue_ours(case, opt, params, problem, start, stop):
+    """The closed loop's eager steps ``start`` .. ``stop - 1`` on an existing optimizer
+    (row-sparse gradients where the case has them), e.g. after a checkpoint or an import."""
+    for i in range(start, stop):
+        grads = problem.mlx_grads(params)
+        if case.grad_kind == "row-sparse":
+            grads = problem.mlx_row_sparse(grads, problem.touched_rows(i))
+        params = opt.apply_gradients(grads, params)
+        mx.eval(params, opt.state)
+    return params
+
+
 def run_torch(case, config, dtype_name, steps=12, problem=None):
     problem = problem or Problem(case.shapes)
     params = problem.torch_params(DTYPES[dtype_name][1])
