@@ -357,22 +357,43 @@ def _lbfgs_problem():
     return fun
 
 
-def test_lbfgs_resumes_bitwise_from_a_file(tmp_path):
+LBFGS_RESUME_SCRIPT = textwrap.dedent("""
+    import sys
+    import mlx.core as mx
+    import mlx_optim
+    target = mx.array([1.0, -2.0, 0.5, 3.0])
+    fun = lambda p: mx.value_and_grad(lambda q: ((q["x"] - target) ** 2 * mx.arange(1, 5)).sum()
+                                      + (q["x"] ** 4).sum() * 0.01)(p)
+    resumed = mlx_optim.LBFGS()
+    resumed.load(sys.argv[1])
+    assert resumed.history_size == 4 and resumed.learning_rate == 0.5
+    params = {"x": mx.load(sys.argv[2])["x"]}
+    for _ in range(2):
+        params, _ = resumed.step_tree(params, fun)
+    mx.save_safetensors(sys.argv[3], params)
+    resumed.save(sys.argv[4])
+""")
+
+
+def test_lbfgs_resumes_bitwise_in_a_new_process(tmp_path):
     fun = _lbfgs_problem()
     opt = mlx_optim.LBFGS(learning_rate=0.5, max_iter=3, history_size=4)
     params = {"x": mx.zeros(4)}
     for _ in range(2):
         params, _ = opt.step_tree(params, fun)
     opt.save(tmp_path / "lbfgs.safetensors")
+    mx.save_safetensors(str(tmp_path / "x.safetensors"), params)
+    done = subprocess.run([sys.executable, "-c", LBFGS_RESUME_SCRIPT, str(tmp_path / "lbfgs.safetensors"),
+                           str(tmp_path / "x.safetensors"), str(tmp_path / "x_out.safetensors"),
+                           str(tmp_path / "lbfgs_out.safetensors")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for _ in range(2):  # the uninterrupted run
+        params, _ = opt.step_tree(params, fun)
     resumed = mlx_optim.LBFGS()
-    resumed.load(tmp_path / "lbfgs.safetensors")
-    assert resumed.history_size == 4 and resumed.learning_rate == 0.5
-    a, b = params, params
-    for _ in range(2):
-        a, _ = opt.step_tree(a, fun)
-        b, _ = resumed.step_tree(b, fun)
-    assert np.array_equal(np.array(a["x"]), np.array(b["x"]))
+    resumed.load(tmp_path / "lbfgs_out.safetensors")
+    assert np.array_equal(np.array(mx.load(str(tmp_path / "x_out.safetensors"))["x"]), np.array(params["x"]))
     assert_bitwise(resumed.state_dict()["state"], opt.state_dict()["state"], "lbfgs state")
+    assert resumed.state["n_iter"] == opt.state["n_iter"] > 0
 
 
 def test_lbfgs_rejects_other_state_and_changes_nothing(tmp_path):
