@@ -209,7 +209,7 @@ class SkipNonFinite:
         # Every slot exists before the snapshot, so each new state array has an old value.
         wanted = [(keys, _lookup(parameters, keys)) for keys, _ in _leaves(gradients)]
         opt.init(_rebuild_missing(wanted))
-        old = dict(_paths(opt.state))
+        old = {k: v for k, v in _leaves(opt.state) if isinstance(v, mx.array)}
         old_params = [p for _, p in wanted]
         new_params = opt.apply_gradients(gradients, parameters)
         self._select(opt.state, old, finite)
@@ -239,15 +239,3 @@ class SkipNonFinite:
     def update(self, model: Any, gradients: Any) -> None:
         """As ``optimizer.update``, with the skip policy."""
         model.update(self.apply_gradients(gradients, model))
-
-
-def _paths(tree: Any, prefix: tuple = ()):
-    """(key path, array) of every array in a state tree."""
-    if isinstance(tree, mx.array):
-        yield prefix, tree
-    elif isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _paths(v, prefix + (k,))
-    elif isinstance(tree, list):
-        for i, v in enumerate(tree):
-            yield from _paths(v, prefix + (i,))

@@ -191,13 +191,8 @@ def compare_with_torch(params, opt, torch_params, torch_opt, tol):
         assert_close(actual, expected, tol, what)
 
 
-def flatten_slots(tree, prefix=""):
-    from mlx_optim._base import is_slot
+def flatten_slots(tree):
+    """(dotted path, slot) of every parameter's state, in the parameters' order."""
+    from mlx_optim._base import _dotted, _slots
 
-    if is_slot(tree):
-        return [(prefix, tree)]
-    out = []
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
-    for k, v in items:
-        out += flatten_slots(v, f"{prefix}.{k}" if prefix else str(k))
-    return out
+    return [(_dotted(keys), slot) for keys, slot in _slots(tree)]
