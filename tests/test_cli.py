@@ -183,10 +183,12 @@ def test_bench_measures_every_implementation_and_writes_json(tmp_path, capsys):
     block = 4 * (width * width + width) + 2 * (4 * width * width) + 4 * width + width + 4 * width
     assert report["parameters"] == 4 * block + 2 * width and report["rounds"] == 1
     ms = report["results"]["SGD"]["ms"]
-    assert set(ms) == {"ours", "mlx", "torch foreach", "torch fused"}
+    assert set(ms) == {"ours", "ours, constants", "mlx", "torch foreach", "torch fused"}
     assert all(0 < v < 10_000 for v in ms.values())
     row = next(line for line in out.splitlines() if line.startswith("| SGD"))
-    assert f"{ms['ours'] / ms['mlx']:.2f}x" in row and f"{ms['ours'] / ms['torch fused']:.2f}x" in row
+    cells = [cell.strip() for cell in row.split("|")[1:-1]]
+    assert cells[2:6] == [f"{ms['ours'] / ms['mlx']:.2f}x", f"{ms['ours, constants'] / ms['mlx']:.2f}x",
+                          f"{ms['ours'] / ms['torch foreach']:.2f}x", f"{ms['ours'] / ms['torch fused']:.2f}x"]
 
 
 # ---------------------------------------------------------------------------- verify

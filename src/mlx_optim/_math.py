@@ -5,7 +5,17 @@ from __future__ import annotations
 import mlx.core as mx
 
 
-def cast(scalar: mx.array, like: mx.array) -> mx.array:
+def scalar_dtype() -> mx.Dtype:
+    """The dtype of scalar hyperparameter math: float64 where the device allows it (CPU).
+
+    torch computes scalar coefficients such as ``1 - beta2`` in double precision; in
+    float32 that difference alone moves ``exp_avg_sq`` by 1e-5 relative. Metal has no
+    float64, so on the GPU hyperparameters are float32.
+    """
+    return mx.float64 if mx.default_device() == mx.cpu else mx.float32
+
+
+def cast(scalar: mx.array | float, like: mx.array) -> mx.array | float:
     """A scalar coefficient, computed in ``scalar_dtype``, in ``like``'s dtype.
 
     Update functions compute coefficients such as ``1 - beta2`` or ``lr / (1 - beta1**t)``
@@ -17,8 +27,13 @@ def cast(scalar: mx.array, like: mx.array) -> mx.array:
     (measured 10x slower on an Adam step). A reduction is never fused, so the scalar is
     computed once and reaches the kernel as a true 0-d scalar (a reshape to (1, 1)
     also blocks fusion but makes the kernel index a broadcast; measured 1.4x slower).
+
+    A Python number (one of an optimizer's ``constants``) becomes a constant array of
+    ``like``'s dtype, which a compiled kernel holds as a literal.
     """
-    return mx.sum(scalar.astype(like.dtype).reshape(1)) if like.ndim else scalar.astype(like.dtype)
+    if not isinstance(scalar, mx.array):
+        return mx.array(scalar, like.dtype)
+    return mx.contiguous(scalar.astype(like.dtype)) if like.ndim else scalar.astype(like.dtype)
 
 
 def lerp(start: mx.array, end: mx.array, weight: mx.array) -> mx.array:
@@ -27,13 +42,17 @@ def lerp(start: mx.array, end: mx.array, weight: mx.array) -> mx.array:
 
 
 def ema_square(avg: mx.array, grad: mx.array, decay: mx.array) -> mx.array:
-    """``decay * avg + (1 - decay) * grad**2``, the running mean of squared gradients."""
-    return cast(decay, avg) * avg + cast(1 - decay, avg) * mx.square(grad)
+    """``decay * avg + (1 - decay) * grad**2``, the running mean of squared gradients.
+
+    Written as a lerp: one scalar reaches the fused kernel instead of two (each scalar
+    input costs time in MLX's CPU kernels, see ``cast``); equal up to rounding.
+    """
+    return lerp(avg, mx.square(grad), 1 - decay)
 
 
-def bias_correction(beta: mx.array, step: mx.array) -> mx.array:
-    """``1 - beta**step`` for an integer step array, at ``beta``'s precision."""
-    return 1 - beta ** step.astype(beta.dtype)
+def bias_correction(beta: mx.array | float, step: mx.array) -> mx.array:
+    """``1 - beta**step`` for an integer step array, in ``scalar_dtype``."""
+    return 1 - beta ** step.astype(scalar_dtype())
 
 
 def newton_schulz(matrix: mx.array, coefficients: tuple[float, float, float], steps: int,
@@ -51,7 +70,7 @@ def newton_schulz(matrix: mx.array, coefficients: tuple[float, float, float], st
     if tall:
         x = x.T
     norm = mx.sqrt(mx.sum(mx.square(x.astype(mx.float32)))).astype(mx.bfloat16)
-    x = x / mx.maximum(norm, eps.astype(mx.bfloat16))
+    x = x / mx.maximum(norm, cast(eps, x))
     for _ in range(steps):
         gram = x @ x.T
         x = mx.addmm(x, mx.addmm(gram, gram, gram, alpha=c, beta=b), x, beta=a)

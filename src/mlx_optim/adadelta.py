@@ -36,6 +36,7 @@ class Adadelta(Optimizer):
         weight_decay: L2 penalty. Default: ``0``.
         maximize: ascend the objective. Default: ``False``.
         groups: per-group hyperparameters, see :class:`mlx_optim.Optimizer`.
+        constants: hyperparameters compiled into the step, see :class:`mlx_optim.Optimizer`.
 
     Example:
         >>> opt = mlx_optim.Adadelta(learning_rate=1.0, rho=0.95)
@@ -51,9 +52,9 @@ class Adadelta(Optimizer):
     update_fn = staticmethod(adadelta_update)
 
     def __init__(self, learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, maximize=False,
-                 groups=None):
+                 groups=None, constants=()):
         super().__init__(dict(learning_rate=learning_rate, rho=rho, eps=eps, weight_decay=weight_decay,
-                              maximize=maximize), groups)
+                              maximize=maximize), groups, constants)
 
     def init_state(self, param, hyper, active):
         return {"square_avg": mx.zeros_like(param), "acc_delta": mx.zeros_like(param)}

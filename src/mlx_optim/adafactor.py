@@ -8,7 +8,7 @@ import mlx.core as mx
 
 from . import _validate as v
 from ._base import Optimizer
-from ._math import cast, lerp
+from ._math import cast, lerp, scalar_dtype
 
 
 def _rms(x: mx.array, dtype: mx.Dtype) -> mx.array:
@@ -18,7 +18,7 @@ def _rms(x: mx.array, dtype: mx.Dtype) -> mx.array:
 
 def adafactor_update(param, grad, state, *, learning_rate, beta2_decay, eps, d, weight_decay):
     """One Adafactor step on ``row_var``/``col_var`` (2 or more dims) or ``variance``."""
-    dtype = learning_rate.dtype
+    dtype = scalar_dtype()
     eps1, eps2 = (mx.array(mx.finfo(param.dtype).eps if e is None else e, dtype) for e in eps)
     step = state["step"].astype(dtype)
     beta2_complement = step ** beta2_decay  # 1 - beta2_t
@@ -75,6 +75,7 @@ class Adafactor(Optimizer):
         weight_decay: :math:`\lambda`, decoupled. Default: ``0``.
         maximize: ascend the objective. Default: ``False``.
         groups: per-group hyperparameters, see :class:`mlx_optim.Optimizer`.
+        constants: hyperparameters compiled into the step, see :class:`mlx_optim.Optimizer`.
 
     Example:
         >>> opt = mlx_optim.Adafactor(learning_rate=1e-2, weight_decay=1e-4)
@@ -102,11 +103,11 @@ class Adafactor(Optimizer):
     update_fn = staticmethod(adafactor_update)
 
     def __init__(self, learning_rate=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
-                 weight_decay=0.0, *, maximize=False, groups=None):
+                 weight_decay=0.0, *, maximize=False, groups=None, constants=()):
         super().__init__(
             dict(learning_rate=learning_rate, beta2_decay=beta2_decay, eps=tuple(eps), d=d,
                  weight_decay=weight_decay, maximize=maximize),
-            groups,
+            groups, constants,
         )
 
     def init_state(self, param, hyper, active):

@@ -6,12 +6,12 @@ import mlx.core as mx
 
 from . import _validate as v
 from ._base import Optimizer
-from ._math import cast
+from ._math import cast, scalar_dtype
 
 
 def adagrad_update(param, grad, state, *, learning_rate, lr_decay, eps, initial_accumulator_value):
     """One Adagrad step on ``sum``."""
-    step = state["step"].astype(learning_rate.dtype)
+    step = state["step"].astype(scalar_dtype())
     clr = learning_rate / (1 + (step - 1) * lr_decay)
     total = state["sum"] + mx.square(grad)
     new_param = param - cast(clr, param) * grad / (mx.sqrt(total) + cast(eps, grad))
@@ -35,6 +35,7 @@ class Adagrad(Optimizer):
         eps: :math:`\epsilon`. Default: ``1e-10``.
         maximize: ascend the objective. Default: ``False``.
         groups: per-group hyperparameters, see :class:`mlx_optim.Optimizer`.
+        constants: hyperparameters compiled into the step, see :class:`mlx_optim.Optimizer`.
 
     Example:
         >>> opt = mlx_optim.Adagrad(learning_rate=0.1, lr_decay=1e-4)
@@ -57,10 +58,10 @@ class Adagrad(Optimizer):
     update_fn = staticmethod(adagrad_update)
 
     def __init__(self, learning_rate=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
-                 eps=1e-10, *, maximize=False, groups=None):
+                 eps=1e-10, *, maximize=False, groups=None, constants=()):
         super().__init__(dict(learning_rate=learning_rate, lr_decay=lr_decay, weight_decay=weight_decay,
                               initial_accumulator_value=initial_accumulator_value, eps=eps,
-                              maximize=maximize), groups)
+                              maximize=maximize), groups, constants)
 
     def init_state(self, param, hyper, active):
         return {"sum": mx.full(param.shape, cast(hyper["initial_accumulator_value"], param))}

@@ -18,9 +18,11 @@ def adam_update(param, grad, state, *, learning_rate, betas, eps, amsgrad):
     if amsgrad:
         exp_avg_sq = mx.maximum(state["max_exp_avg_sq"], exp_avg_sq)
         new_state["max_exp_avg_sq"] = exp_avg_sq
-    step_size = learning_rate / bias_correction(beta1, state["step"])
+    # torch's  step_size * m / (sqrt(v) / sqrt(bc2) + eps), with sqrt(bc2) moved into the
+    # two scalars: one divide per element instead of two, one scalar input fewer.
     bias_correction2_sqrt = mx.sqrt(bias_correction(beta2, state["step"]))
-    denom = mx.sqrt(exp_avg_sq) / cast(bias_correction2_sqrt, param) + cast(eps, param)
+    step_size = learning_rate * bias_correction2_sqrt / bias_correction(beta1, state["step"])
+    denom = mx.sqrt(exp_avg_sq) + cast(eps * bias_correction2_sqrt, param)
     return param - cast(step_size, param) * exp_avg / denom, new_state
 
 
@@ -48,6 +50,7 @@ class Adam(Optimizer):
         decoupled_weight_decay: decay the weights directly (AdamW) instead of adding
             :math:`\lambda\theta` to the gradient. Default: ``False``.
         groups: per-group hyperparameters, see :class:`mlx_optim.Optimizer`.
+        constants: hyperparameters compiled into the step, see :class:`mlx_optim.Optimizer`.
 
     Example:
         >>> opt = mlx_optim.Adam(learning_rate=3e-4, weight_decay=1e-4)
@@ -64,11 +67,12 @@ class Adam(Optimizer):
     update_fn = staticmethod(adam_update)
 
     def __init__(self, learning_rate=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False, groups=None):
+                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False, groups=None,
+                 constants=()):
         super().__init__(
             dict(learning_rate=learning_rate, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                  amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay),
-            groups,
+            groups, constants,
         )
 
     def init_state(self, param, hyper, active):
@@ -97,6 +101,6 @@ class AdamW(Adam):
     """
 
     def __init__(self, learning_rate=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False, groups=None):
+                 amsgrad=False, *, maximize=False, groups=None, constants=()):
         super().__init__(learning_rate, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         decoupled_weight_decay=True, groups=groups)
+                         decoupled_weight_decay=True, groups=groups, constants=constants)

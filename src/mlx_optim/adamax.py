@@ -35,6 +35,7 @@ class Adamax(Optimizer):
         weight_decay: L2 penalty. Default: ``0``.
         maximize: ascend the objective. Default: ``False``.
         groups: per-group hyperparameters, see :class:`mlx_optim.Optimizer`.
+        constants: hyperparameters compiled into the step, see :class:`mlx_optim.Optimizer`.
 
     Example:
         >>> opt = mlx_optim.Adamax(learning_rate=2e-3)
@@ -50,9 +51,9 @@ class Adamax(Optimizer):
     update_fn = staticmethod(adamax_update)
 
     def __init__(self, learning_rate=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 maximize=False, groups=None):
+                 maximize=False, groups=None, constants=()):
         super().__init__(dict(learning_rate=learning_rate, betas=tuple(betas), eps=eps,
-                              weight_decay=weight_decay, maximize=maximize), groups)
+                              weight_decay=weight_decay, maximize=maximize), groups, constants)
 
     def init_state(self, param, hyper, active):
         return {"exp_avg": mx.zeros_like(param), "exp_inf": mx.zeros_like(param)}

@@ -6,7 +6,7 @@ import mlx.core as mx
 
 from . import _validate as v
 from ._base import Optimizer, map_slots
-from ._math import cast
+from ._math import cast, scalar_dtype
 
 
 def asgd_update(param, grad, state, *, learning_rate, lambd, alpha, t0):
@@ -14,7 +14,7 @@ def asgd_update(param, grad, state, *, learning_rate, lambd, alpha, t0):
     eta, mu = state["eta"], state["mu"]
     new_param = param * cast(1 - lambd * eta, param) - cast(eta, param) * grad
     ax = state["ax"] + (new_param - state["ax"]) * cast(mu, param)
-    step = state["step"].astype(learning_rate.dtype)
+    step = state["step"].astype(scalar_dtype())
     new_eta = learning_rate / (1 + lambd * learning_rate * step) ** alpha
     new_mu = 1 / mx.maximum(step - t0, 1)
     return new_param, {**state, "ax": ax, "eta": new_eta.astype(eta.dtype), "mu": new_mu.astype(mu.dtype)}
@@ -42,6 +42,7 @@ class ASGD(Optimizer):
         weight_decay: L2 penalty. Default: ``0``.
         maximize: ascend the objective. Default: ``False``.
         groups: per-group hyperparameters, see :class:`mlx_optim.Optimizer`.
+        constants: hyperparameters compiled into the step, see :class:`mlx_optim.Optimizer`.
 
     Example:
         >>> opt = mlx_optim.ASGD(learning_rate=0.01, t0=100)
@@ -60,12 +61,12 @@ class ASGD(Optimizer):
     update_fn = staticmethod(asgd_update)
 
     def __init__(self, learning_rate=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0, *,
-                 maximize=False, groups=None):
+                 maximize=False, groups=None, constants=()):
         super().__init__(dict(learning_rate=learning_rate, lambd=lambd, alpha=alpha, t0=t0,
-                              weight_decay=weight_decay, maximize=maximize), groups)
+                              weight_decay=weight_decay, maximize=maximize), groups, constants)
 
     def init_state(self, param, hyper, active):
-        lr = hyper["learning_rate"]
+        lr = mx.array(hyper["learning_rate"], dtype=scalar_dtype())  # also when a constant
         return {"eta": lr, "mu": mx.ones_like(lr), "ax": mx.zeros_like(param)}
 
     def averaged_parameters(self) -> dict:

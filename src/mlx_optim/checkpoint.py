@@ -67,6 +67,7 @@ def state_dict(opt: Any) -> dict:
         "groups": [{name: _jsonable(value) for name, value in values.items()}
                    for values in opt._group_values],
         "active": [dict(active) for active in opt._active],
+        "constants": sorted(opt._constants),
         "step_class_of": dict(opt._class_of),
         "attached": [{"type": type(obj).__name__, "state": obj.state_dict()} for obj in opt.attached],
         "state": _copy_tree(opt.state),
@@ -309,6 +310,32 @@ def _dot(keys: tuple) -> str:
     return ".".join(str(k) for k in keys)
 
 
+def _hyper_arrays_as_ours(opt: Any, saved: dict, values: list[dict],
+                          saved_constants: list) -> dict:
+    """``saved`` with the hyperparameter arrays this optimizer holds: a checkpoint of an
+    optimizer with other ``constants`` loads too (the groups' values, checked already,
+    say what the checkpoint's constants were)."""
+    saved = dict(saved)
+    if isinstance(saved.get("param_groups"), list):
+        saved["param_groups"] = [dict(g) if isinstance(g, dict) else g for g in saved["param_groups"]]
+    for index, group in enumerate(values):
+        if index == 0:
+            target = saved
+        elif isinstance(saved.get("param_groups"), list) and index - 1 < len(saved["param_groups"]):
+            target = saved["param_groups"][index - 1]
+        else:
+            continue  # a malformed checkpoint: the structure checks below say so
+        if not isinstance(target, dict):
+            continue
+        for name, value in group.items():
+            if name in opt._constants:
+                target.pop(name, None)
+            elif name in saved_constants and name not in target and not opt._is_static(name, value):
+                target[name] = ([_as_array(v, opt._scalar_dtype) for v in value]
+                                if isinstance(value, (tuple, list)) else _as_array(value, opt._scalar_dtype))
+    return saved
+
+
 def _load_base(opt: Any, sd: dict) -> None:
 
     for key in ("groups", "active", "step_class_of"):
@@ -330,8 +357,8 @@ def _load_base(opt: Any, sd: dict) -> None:
             if opt._is_static(key, value):
                 if _jsonable(value) != stored:
                     raise ValueError(f"{where}: {key} is {stored!r} in the checkpoint and "
-                                     f"{_jsonable(value)!r} in this optimizer; it fixes the "
-                                     f"step's structure, so build the optimizer with {key}={stored!r}")
+                                     f"{_jsonable(value)!r} in this optimizer, which fixes it when built (a flag or "
+                                     f"one of its constants): build it with {key}={stored!r}")
                 values[key] = value
             elif callable(value) and not isinstance(value, mx.array):
                 if stored != _SCHEDULE:
@@ -352,6 +379,10 @@ def _load_base(opt: Any, sd: dict) -> None:
     saved, current = sd["state"], opt.state
     if not isinstance(saved, dict):
         raise ValueError("the checkpoint's state is not a dict")
+    saved_constants = sd.get("constants", [])  # absent from checkpoints older than constants
+    if not isinstance(saved_constants, list) or not all(isinstance(n, str) for n in saved_constants):
+        raise ValueError(f"the checkpoint's constants {saved_constants!r} are not a list of names")
+    saved = _hyper_arrays_as_ours(opt, saved, new_values, saved_constants)
     _same_keys(saved, current, "state")
     new_state = {}
     for key in current:

@@ -56,6 +56,7 @@ class Muon(Optimizer):
             Jordan) or ``"match_rms_adamw"`` (:math:`0.2\sqrt{\max(A, B)}`, Moonshot).
             Default: ``None``.
         groups: per-group hyperparameters, see :class:`mlx_optim.Optimizer`.
+        constants: hyperparameters compiled into the step, see :class:`mlx_optim.Optimizer`.
 
     Every parameter must be 2-D (``ValueError`` naming it otherwise); use
     :func:`mlx_optim.muon_with_adamw` to pair Muon with AdamW for the rest of a model.
@@ -87,12 +88,12 @@ class Muon(Optimizer):
 
     def __init__(self, learning_rate=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5,
-                 adjust_lr_fn=None, *, groups=None):
+                 adjust_lr_fn=None, *, groups=None, constants=()):
         super().__init__(
             dict(learning_rate=learning_rate, weight_decay=weight_decay, momentum=momentum,
                  nesterov=nesterov, ns_coefficients=tuple(ns_coefficients), eps=eps,
                  ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, decoupled_weight_decay=True),
-            groups,
+            groups, constants,
         )
 
     def _validate_group(self, values):

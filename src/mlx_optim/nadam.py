@@ -6,16 +6,16 @@ import mlx.core as mx
 
 from . import _validate as v
 from ._base import Optimizer
-from ._math import bias_correction, cast, ema_square, lerp
+from ._math import bias_correction, cast, ema_square, lerp, scalar_dtype
 
 
 def nadam_update(param, grad, state, *, learning_rate, betas, eps, momentum_decay):
     """One NAdam step on ``exp_avg``, ``exp_avg_sq`` and the scalar ``mu_product``."""
     beta1, beta2 = betas
-    step = state["step"].astype(beta1.dtype)
+    step = state["step"].astype(scalar_dtype())
     mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
     mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
-    mu_product = state["mu_product"].astype(beta1.dtype) * mu
+    mu_product = state["mu_product"].astype(scalar_dtype()) * mu
     exp_avg = lerp(state["exp_avg"], grad, 1 - beta1)
     exp_avg_sq = ema_square(state["exp_avg_sq"], grad, beta2)
     denom = mx.sqrt(exp_avg_sq / cast(bias_correction(beta2, state["step"]), grad)) + cast(eps, grad)
@@ -47,6 +47,7 @@ class NAdam(Optimizer):
         decoupled_weight_decay: decay weights directly (NAdamW). Default: ``False``.
         maximize: ascend the objective. Default: ``False``.
         groups: per-group hyperparameters, see :class:`mlx_optim.Optimizer`.
+        constants: hyperparameters compiled into the step, see :class:`mlx_optim.Optimizer`.
 
     Example:
         >>> opt = mlx_optim.NAdam(learning_rate=2e-3, momentum_decay=4e-3)
@@ -62,12 +63,13 @@ class NAdam(Optimizer):
     update_fn = staticmethod(nadam_update)
 
     def __init__(self, learning_rate=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 momentum_decay=4e-3, *, decoupled_weight_decay=False, maximize=False, groups=None):
+                 momentum_decay=4e-3, *, decoupled_weight_decay=False, maximize=False, groups=None,
+                 constants=()):
         super().__init__(dict(learning_rate=learning_rate, betas=tuple(betas), eps=eps,
                               weight_decay=weight_decay, momentum_decay=momentum_decay,
                               decoupled_weight_decay=decoupled_weight_decay, maximize=maximize),
-                         groups)
+                         groups, constants)
 
     def init_state(self, param, hyper, active):
-        return {"mu_product": mx.array(1.0, dtype=hyper["learning_rate"].dtype),
+        return {"mu_product": mx.array(1.0, dtype=scalar_dtype()),
                 "exp_avg": mx.zeros_like(param), "exp_avg_sq": mx.zeros_like(param)}

@@ -6,13 +6,13 @@ import mlx.core as mx
 
 from . import _validate as v
 from ._base import Optimizer
-from ._math import bias_correction, cast, ema_square, lerp
+from ._math import bias_correction, cast, ema_square, lerp, scalar_dtype
 
 
 def radam_update(param, grad, state, *, learning_rate, betas, eps):
     """One RAdam step on ``exp_avg`` and ``exp_avg_sq``."""
     beta1, beta2 = betas
-    step = state["step"].astype(beta2.dtype)
+    step = state["step"].astype(scalar_dtype())
     exp_avg = lerp(state["exp_avg"], grad, 1 - beta1)
     exp_avg_sq = ema_square(state["exp_avg_sq"], grad, beta2)
     bias_correction1 = bias_correction(beta1, state["step"])
@@ -53,6 +53,7 @@ class RAdam(Optimizer):
         decoupled_weight_decay: decay weights directly (RAdamW). Default: ``False``.
         maximize: ascend the objective. Default: ``False``.
         groups: per-group hyperparameters, see :class:`mlx_optim.Optimizer`.
+        constants: hyperparameters compiled into the step, see :class:`mlx_optim.Optimizer`.
 
     Example:
         >>> opt = mlx_optim.RAdam(learning_rate=1e-3)
@@ -67,11 +68,11 @@ class RAdam(Optimizer):
     update_fn = staticmethod(radam_update)
 
     def __init__(self, learning_rate=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 decoupled_weight_decay=False, maximize=False, groups=None):
+                 decoupled_weight_decay=False, maximize=False, groups=None, constants=()):
         super().__init__(dict(learning_rate=learning_rate, betas=tuple(betas), eps=eps,
                               weight_decay=weight_decay,
                               decoupled_weight_decay=decoupled_weight_decay, maximize=maximize),
-                         groups)
+                         groups, constants)
 
     def init_state(self, param, hyper, active):
         return {"exp_avg": mx.zeros_like(param), "exp_avg_sq": mx.zeros_like(param)}

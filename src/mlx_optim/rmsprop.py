@@ -49,6 +49,7 @@ class RMSprop(Optimizer):
             Default: ``False``.
         maximize: ascend the objective. Default: ``False``.
         groups: per-group hyperparameters, see :class:`mlx_optim.Optimizer`.
+        constants: hyperparameters compiled into the step, see :class:`mlx_optim.Optimizer`.
 
     Example:
         >>> opt = mlx_optim.RMSprop(learning_rate=1e-3, momentum=0.9, centered=True)
@@ -66,10 +67,10 @@ class RMSprop(Optimizer):
     update_fn = staticmethod(rmsprop_update)
 
     def __init__(self, learning_rate=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                 centered=False, *, maximize=False, groups=None):
+                 centered=False, *, maximize=False, groups=None, constants=()):
         super().__init__(dict(learning_rate=learning_rate, alpha=alpha, eps=eps,
                               weight_decay=weight_decay, momentum=momentum, centered=centered,
-                              maximize=maximize), groups)
+                              maximize=maximize), groups, constants)
 
     def init_state(self, param, hyper, active):
         state = {"square_avg": mx.zeros_like(param)}

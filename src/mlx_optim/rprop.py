@@ -40,6 +40,7 @@ class Rprop(Optimizer):
         step_sizes: :math:`(\Gamma_{min}, \Gamma_{max})`. Default: ``(1e-6, 50)``.
         maximize: ascend the objective. Default: ``False``.
         groups: per-group hyperparameters, see :class:`mlx_optim.Optimizer`.
+        constants: hyperparameters compiled into the step, see :class:`mlx_optim.Optimizer`.
 
     Example:
         >>> opt = mlx_optim.Rprop(learning_rate=1e-2, etas=(0.5, 1.2))
@@ -61,9 +62,9 @@ class Rprop(Optimizer):
     update_fn = staticmethod(rprop_update)
 
     def __init__(self, learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), *, maximize=False,
-                 groups=None):
+                 groups=None, constants=()):
         super().__init__(dict(learning_rate=learning_rate, etas=tuple(etas), step_sizes=tuple(step_sizes),
-                              maximize=maximize), groups)
+                              maximize=maximize), groups, constants)
 
     def _validate_group(self, values):
         low, high = (v.scalar_value("step_sizes", s) for s in values["step_sizes"])

@@ -6,7 +6,7 @@ import mlx.core as mx
 
 from . import _validate as v
 from ._base import Optimizer
-from ._math import cast
+from ._math import cast, scalar_dtype
 
 
 def sgd_update(param, grad, state, *, learning_rate, momentum, dampening, nesterov):
@@ -18,7 +18,7 @@ def sgd_update(param, grad, state, *, learning_rate, momentum, dampening, nester
         else:
             # torch's first step sets the buffer to the gradient itself (no dampening);
             # the buffer starts at zero, so only the gradient's coefficient changes.
-            grad_weight = mx.where(state["step"] == 1, 1.0, 1 - dampening)
+            grad_weight = mx.where(state["step"] == 1, mx.array(1.0, scalar_dtype()), 1 - dampening)
             buf = buf + cast(grad_weight, grad) * grad
         grad = grad + cast(momentum, grad) * buf if nesterov else buf
         state = {**state, "momentum_buffer": buf}
@@ -43,6 +43,7 @@ class SGD(Optimizer):
         nesterov: Nesterov momentum (needs momentum > 0 and dampening = 0). Default: ``False``.
         maximize: ascend the objective. Default: ``False``.
         groups: per-group hyperparameters, see :class:`mlx_optim.Optimizer`.
+        constants: hyperparameters compiled into the step, see :class:`mlx_optim.Optimizer`.
 
     Example:
         >>> opt = mlx_optim.SGD(learning_rate=0.1, momentum=0.9, nesterov=True)
@@ -61,11 +62,11 @@ class SGD(Optimizer):
     update_fn = staticmethod(sgd_update)
 
     def __init__(self, learning_rate=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, maximize=False, groups=None):
+                 nesterov=False, *, maximize=False, groups=None, constants=()):
         super().__init__(
             dict(learning_rate=learning_rate, momentum=momentum, dampening=dampening,
                  weight_decay=weight_decay, nesterov=nesterov, maximize=maximize),
-            groups,
+            groups, constants,
         )
 
     def _validate_group(self, values):

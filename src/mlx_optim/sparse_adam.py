@@ -48,6 +48,7 @@ class SparseAdam(Optimizer):
         eps: :math:`\epsilon > 0`. Default: ``1e-8``.
         maximize: ascend the objective. Default: ``False``.
         groups: per-group hyperparameters, see :class:`mlx_optim.Optimizer`.
+        constants: hyperparameters compiled into the step, see :class:`mlx_optim.Optimizer`.
 
     Example:
         >>> opt = mlx_optim.SparseAdam(learning_rate=1e-2)
@@ -67,9 +68,10 @@ class SparseAdam(Optimizer):
     lazy_rows = True
     update_fn = staticmethod(sparse_adam_update)
 
-    def __init__(self, learning_rate=1e-3, betas=(0.9, 0.999), eps=1e-8, *, maximize=False, groups=None):
+    def __init__(self, learning_rate=1e-3, betas=(0.9, 0.999), eps=1e-8, *, maximize=False, groups=None,
+                 constants=()):
         super().__init__(dict(learning_rate=learning_rate, betas=tuple(betas), eps=eps, maximize=maximize),
-                         groups)
+                         groups, constants)
 
     def init_state(self, param, hyper, active):
         return {"exp_avg": mx.zeros_like(param), "exp_avg_sq": mx.zeros_like(param)}

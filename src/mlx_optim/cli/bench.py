@@ -5,6 +5,11 @@ tensors). Each MLX step is compiled with ``mx.compile(step, inputs=state, output
 torch runs its ``foreach`` and, where it has one, its ``fused`` CPU kernel. Times are
 medians over interleaved rounds (ours, mlx, torch in turn), so drift on a shared machine
 hits all alike; the table reports ratios. torch is optional (the ``test`` extra).
+
+Ours runs twice: as built by default (every hyperparameter an array in the state), and with
+``constants=`` naming every hyperparameter but the learning rate, which is what
+``mlx.optimizers`` does (it holds only the learning rate as an array): the same math with
+the same semantics.
 """
 
 from __future__ import annotations
@@ -52,40 +57,48 @@ def flat_shapes() -> list[tuple]:
     return flat
 
 
-# name: (ours, mlx.optimizers counterpart with the same math or None, torch factory, note)
+# name: (ours, mlx.optimizers counterpart with the same math or None, torch factory, note);
+# ours takes keyword arguments (``constants=``).
 PAIRS = {
-    "SGD": (lambda: mlx_optim.SGD(learning_rate=0.01, momentum=0.9),
+    "SGD": (lambda **kw: mlx_optim.SGD(learning_rate=0.01, momentum=0.9, **kw),
             lambda: mlx_opt.SGD(learning_rate=0.01, momentum=0.9),
             lambda torch, p, **kw: torch.optim.SGD(p, lr=0.01, momentum=0.9, **kw), ""),
-    "Adam": (lambda: mlx_optim.Adam(learning_rate=1e-3),
+    "Adam": (lambda **kw: mlx_optim.Adam(learning_rate=1e-3, **kw),
              lambda: mlx_opt.Adam(learning_rate=1e-3, bias_correction=True),
              lambda torch, p, **kw: torch.optim.Adam(p, lr=1e-3, **kw), ""),
-    "AdamW": (lambda: mlx_optim.AdamW(learning_rate=1e-3),
+    "AdamW": (lambda **kw: mlx_optim.AdamW(learning_rate=1e-3, **kw),
               lambda: mlx_opt.AdamW(learning_rate=1e-3, bias_correction=True),
               lambda torch, p, **kw: torch.optim.AdamW(p, lr=1e-3, **kw), ""),
-    "RMSprop": (lambda: mlx_optim.RMSprop(learning_rate=1e-3),
+    "RMSprop": (lambda **kw: mlx_optim.RMSprop(learning_rate=1e-3, **kw),
                 lambda: mlx_opt.RMSprop(learning_rate=1e-3, alpha=0.99, eps=1e-8),
                 lambda torch, p, **kw: torch.optim.RMSprop(p, lr=1e-3, **kw), ""),
-    "Adagrad": (lambda: mlx_optim.Adagrad(learning_rate=1e-2),
+    "Adagrad": (lambda **kw: mlx_optim.Adagrad(learning_rate=1e-2, **kw),
                 lambda: mlx_opt.Adagrad(learning_rate=1e-2, eps=1e-10),
                 lambda torch, p, **kw: torch.optim.Adagrad(p, lr=1e-2, **kw), ""),
-    "Adadelta": (lambda: mlx_optim.Adadelta(learning_rate=1.0),
+    "Adadelta": (lambda **kw: mlx_optim.Adadelta(learning_rate=1.0, **kw),
                  lambda: mlx_opt.AdaDelta(learning_rate=1.0, rho=0.9, eps=1e-6),
                  lambda torch, p, **kw: torch.optim.Adadelta(p, lr=1.0, **kw), ""),
-    "Adamax": (lambda: mlx_optim.Adamax(learning_rate=2e-3),
+    "Adamax": (lambda **kw: mlx_optim.Adamax(learning_rate=2e-3, **kw),
                lambda: mlx_opt.Adamax(learning_rate=2e-3),
                lambda torch, p, **kw: torch.optim.Adamax(p, lr=2e-3, **kw),
                "mlx's Adamax differs (no bias correction, eps outside the max)"),
-    "NAdam": (lambda: mlx_optim.NAdam(), None,
+    "NAdam": (lambda **kw: mlx_optim.NAdam(**kw), None,
               lambda torch, p, **kw: torch.optim.NAdam(p, **kw), "no mlx counterpart"),
-    "RAdam": (lambda: mlx_optim.RAdam(), None,
+    "RAdam": (lambda **kw: mlx_optim.RAdam(**kw), None,
               lambda torch, p, **kw: torch.optim.RAdam(p, **kw), "no mlx counterpart"),
-    "ASGD": (lambda: mlx_optim.ASGD(), None,
+    "ASGD": (lambda **kw: mlx_optim.ASGD(**kw), None,
              lambda torch, p, **kw: torch.optim.ASGD(p, **kw), "no mlx counterpart"),
-    "Rprop": (lambda: mlx_optim.Rprop(), None,
+    "Rprop": (lambda **kw: mlx_optim.Rprop(**kw), None,
               lambda torch, p, **kw: torch.optim.Rprop(p, **kw), "no mlx counterpart"),
 }
 FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}  # torch has fused CPU kernels for these
+
+
+def all_but_learning_rate(make_opt) -> tuple[str, ...]:
+    """The hyperparameters ``mlx.optimizers`` compiles in: all but the learning rate."""
+    from .._base import array_hyperparameters
+
+    return tuple(n for n in array_hyperparameters(make_opt()) if n != "learning_rate")
 
 
 def mlx_runner(make_opt, steps):
@@ -143,6 +156,8 @@ def measure(rounds: int = 7, steps: int = 20, only: list[str] | None = None,
             print(f"measuring {name}...\x1b[K", end="\r", file=sys.stderr, flush=True)
         runners = {"ours": mlx_runner(ours, steps)}
         if theirs:
+            constants = all_but_learning_rate(ours)
+            runners["ours, constants"] = mlx_runner(lambda: ours(constants=constants), steps)
             runners["mlx"] = mlx_runner(theirs, steps)
         if torch is not None:
             runners["torch foreach"] = torch_runner(torch, torch_factory, steps, foreach=True)
@@ -160,12 +175,13 @@ def table(results: dict) -> str:
     rows = []
     for name, result in results.items():
         ms = result["ms"]
-        ratio = lambda key: f"{ms['ours'] / ms[key]:.2f}x" if key in ms else "—"
-        rows.append((name, f"{ms['ours']:.2f}", ratio("mlx"), ratio("torch foreach"),
-                     ratio("torch fused"), result["note"]))
-    header = ("optimizer", "ours ms/step", "ours / mlx.optimizers", "ours / torch foreach",
-              "ours / torch fused", "note")
-    return format_table(header, rows, right={1, 2, 3, 4})
+        ratio = lambda key, of="ours": f"{ms[of] / ms[key]:.2f}x" if key in ms and of in ms else "—"
+        rows.append((name, f"{ms['ours']:.2f}", ratio("mlx"), ratio("mlx", "ours, constants"),
+                     ratio("torch foreach"), ratio("torch fused"), result["note"]))
+    header = ("optimizer", "ours ms/step", "ours / mlx.optimizers",
+              "ours with constants / mlx.optimizers", "ours / torch foreach", "ours / torch fused",
+              "note")
+    return format_table(header, rows, right={1, 2, 3, 4, 5})
 
 
 def run(args: argparse.Namespace) -> int:

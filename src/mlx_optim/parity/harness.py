@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from .._base import array_hyperparameters
 from .cases import ours_kwargs
 
 DTYPES = {"float32": (mx.float32, torch.float32), "float64": (mx.float64, torch.float64)}
@@ -101,12 +102,16 @@ class Problem:
             p.grad = torch.sparse_coo_tensor(listed[None], values, p.shape, check_invariants=True)
 
 
-def run_ours(case, config, dtype_name, steps=12, compiled=False, problem=None, on_step=None):
-    """(parameters, optimizer) after ``steps`` closed-loop steps."""
+def run_ours(case, config, dtype_name, steps=12, compiled=False, problem=None, on_step=None,
+             constants=False):
+    """(parameters, optimizer) after ``steps`` closed-loop steps; with ``constants``, every
+    numeric hyperparameter is one of the optimizer's constants."""
     problem = problem or Problem(case.shapes)
     dtype = DTYPES[dtype_name][0]
     params = problem.mlx_params(dtype)
     opt = case.ours(**ours_kwargs(config.kwargs))
+    if constants:
+        opt = case.ours(**ours_kwargs(config.kwargs), constants=array_hyperparameters(opt))
     opt.init(params)
 
     sparse = case.grad_kind == "row-sparse"
