@@ -317,7 +317,8 @@ def _hyper_arrays_as_ours(opt: Any, saved: dict, values: list[dict],
     say what the checkpoint's constants were)."""
     saved = dict(saved)
     if isinstance(saved.get("param_groups"), list):
-        saved["param_groups"] = [dict(g) if isinstance(g, dict) else g for g in saved["param_groups"]]
+        saved["param_groups"] = [dict(g) if isinstance(g, dict) else g
+                                 for g in saved["param_groups"]]
     for index, group in enumerate(values):
         if index == 0:
             target = saved
@@ -331,8 +332,9 @@ def _hyper_arrays_as_ours(opt: Any, saved: dict, values: list[dict],
             if name in opt._constants:
                 target.pop(name, None)
             elif name in saved_constants and name not in target and not opt._is_static(name, value):
-                target[name] = ([_as_array(v, opt._scalar_dtype) for v in value]
-                                if isinstance(value, (tuple, list)) else _as_array(value, opt._scalar_dtype))
+                dtype = opt._scalar_dtype
+                target[name] = ([_as_array(v, dtype) for v in value]
+                                if isinstance(value, (tuple, list)) else _as_array(value, dtype))
     return saved
 
 
@@ -357,8 +359,9 @@ def _load_base(opt: Any, sd: dict) -> None:
             if opt._is_static(key, value):
                 if _jsonable(value) != stored:
                     raise ValueError(f"{where}: {key} is {stored!r} in the checkpoint and "
-                                     f"{_jsonable(value)!r} in this optimizer, which fixes it when built (a flag or "
-                                     f"one of its constants): build it with {key}={stored!r}")
+                                     f"{_jsonable(value)!r} in this optimizer, which fixes it "
+                                     f"when built (a flag or one of its constants): build it "
+                                     f"with {key}={stored!r}")
                 values[key] = value
             elif callable(value) and not isinstance(value, mx.array):
                 if stored != _SCHEDULE:
@@ -380,7 +383,7 @@ def _load_base(opt: Any, sd: dict) -> None:
     if not isinstance(saved, dict):
         raise ValueError("the checkpoint's state is not a dict")
     saved_constants = sd.get("constants", [])  # absent from checkpoints older than constants
-    if not isinstance(saved_constants, list) or not all(isinstance(n, str) for n in saved_constants):
+    if not (isinstance(saved_constants, list) and all(isinstance(n, str) for n in saved_constants)):
         raise ValueError(f"the checkpoint's constants {saved_constants!r} are not a list of names")
     saved = _hyper_arrays_as_ours(opt, saved, new_values, saved_constants)
     _same_keys(saved, current, "state")
