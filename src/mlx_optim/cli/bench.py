@@ -3,8 +3,9 @@
 A transformer-shaped parameter tree (4 blocks of width 256: about 3.2M parameters in 66
 tensors). Each MLX step is compiled with ``mx.compile(step, inputs=state, outputs=state)``;
 torch runs its ``foreach`` and, where it has one, its ``fused`` CPU kernel. Times are
-medians over interleaved rounds (ours, mlx, torch in turn), so drift on a shared machine
-hits all alike; the table reports ratios. torch is optional (the ``test`` extra).
+medians over interleaved rounds (each round runs every implementation once, in a shuffled
+order); a ratio is the median of the rounds' ratios, so drift on a shared machine hits both
+sides of it alike. torch is optional (the ``test`` extra).
 
 Ours runs twice: as built by default (every hyperparameter an array in the state), and with
 ``constants=`` naming every hyperparameter but the learning rate, which is what
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -92,6 +94,9 @@ PAIRS = {
               lambda torch, p, **kw: torch.optim.Rprop(p, **kw), "no mlx counterpart"),
 }
 FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}  # torch has fused CPU kernels for these
+# The table's ratios: (numerator, denominator) implementations.
+RATIOS = (("ours", "mlx"), ("ours, constants", "mlx"), ("ours", "torch foreach"),
+          ("ours", "torch fused"))
 
 
 def all_but_learning_rate(make_opt) -> tuple[str, ...]:
@@ -147,7 +152,9 @@ def timed(run, steps) -> float:
 
 def measure(rounds: int = 7, steps: int = 20, only: list[str] | None = None,
             torch=None) -> dict:
-    """Median ms/step per optimizer and implementation: {name: {"ms": {...}, "note": ...}}."""
+    """Per optimizer: median ms/step of each implementation, and the median over rounds of
+    each RATIOS ratio: {name: {"ms": {...}, "ratios": {"ours / mlx": ...}, "note": ...}}."""
+    order = random.Random(0)
     results = {}
     for name, (ours, theirs, torch_factory, note) in PAIRS.items():
         if only and name not in only:
@@ -165,19 +172,23 @@ def measure(rounds: int = 7, steps: int = 20, only: list[str] | None = None,
                 runners["torch fused"] = torch_runner(torch, torch_factory, steps, fused=True)
         samples = {k: [] for k in runners}
         for _ in range(rounds):
-            for key, run in runners.items():
-                samples[key].append(timed(run, steps))
-        results[name] = {"ms": {k: statistics.median(v) for k, v in samples.items()}, "note": note}
+            keys = list(runners)
+            order.shuffle(keys)
+            for key in keys:
+                samples[key].append(timed(runners[key], steps))
+        ratios = {f"{a} / {b}": statistics.median(x / y for x, y in zip(samples[a], samples[b]))
+                  for a, b in RATIOS if a in samples and b in samples}
+        results[name] = {"ms": {k: statistics.median(v) for k, v in samples.items()},
+                         "ratios": ratios, "note": note}
     return results
 
 
 def table(results: dict) -> str:
     rows = []
     for name, result in results.items():
-        ms = result["ms"]
-        ratio = lambda key, of="ours": f"{ms[of] / ms[key]:.2f}x" if key in ms and of in ms else "—"
-        rows.append((name, f"{ms['ours']:.2f}", ratio("mlx"), ratio("mlx", "ours, constants"),
-                     ratio("torch foreach"), ratio("torch fused"), result["note"]))
+        ratios = result["ratios"]
+        cells = [f"{ratios[f'{a} / {b}']:.2f}x" if f"{a} / {b}" in ratios else "—" for a, b in RATIOS]
+        rows.append((name, f"{result['ms']['ours']:.2f}", *cells, result["note"]))
     header = ("optimizer", "ours ms/step", "ours / mlx.optimizers",
               "ours with constants / mlx.optimizers", "ours / torch foreach", "ours / torch fused",
               "note")
