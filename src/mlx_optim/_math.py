@@ -64,12 +64,9 @@ def lerp(start: mx.array, end: mx.array, weight: mx.array) -> mx.array:
 
 
 def ema_square(avg: mx.array, grad: mx.array, decay: mx.array) -> mx.array:
-    """``decay * avg + (1 - decay) * grad**2``, the running mean of squared gradients.
-
-    Written as a lerp: one scalar reaches the fused kernel instead of two (each scalar
-    input costs time in MLX's CPU kernels, see ``cast``); equal up to rounding.
-    """
-    return lerp(avg, mx.square(grad), 1 - decay)
+    """``decay * avg + (1 - decay) * grad**2``, the running mean of squared gradients, in
+    torch's order of operations."""
+    return cast(decay, avg) * avg + cast(1 - decay, avg) * mx.square(grad)
 
 
 def bias_correction(beta: mx.array | float, step: mx.array) -> mx.array:
