@@ -36,7 +36,7 @@ import mlx.core as mx
 import mlx.optimizers as mlx_optim
 
 from ._checkpointable import Checkpointable
-from ._math import OWN_KERNEL, cast, scalar_dtype
+from ._math import cast, scalar_dtype
 from ._validate import Rule, check, scalar_value
 from .sparse import RowSparseGrad
 
@@ -526,23 +526,13 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
             else:
                 target[name][element] = value
         self._state["step"] = step + 1
-        updated, shared_scalars, first_steps = [], {}, {}
+        updated, shared_scalars = [], {}
         for (keys, grad, param), path in zip(pairs, paths):
             slot = self._slot(keys)
             cls = self._class_of[path]
-            # Traced by mx.compile, every state leaf is its own placeholder, so parameters
-            # of one step set arrive with distinct step objects (eagerly they share one):
-            # then each parameter's casts are made its kernel's own (see _math.cast).
-            own_step = slot["step"]
-            distinct = first_steps.setdefault(cls, own_step) is not own_step
-            token = OWN_KERNEL.set(own_step != -1 if distinct else None)
             slot["step"] = classes[cls]
             index = self._group_of(path, param)
-            try:
-                updated.append(self._apply_one(grad, param, slot, index,
-                                               shared_scalars.setdefault(cls, {})))
-            finally:
-                OWN_KERNEL.reset(token)
+            updated.append(self._apply_one(grad, param, slot, index, shared_scalars.setdefault(cls, {})))
         return _rebuild(gradients, iter(updated))
 
     def _apply_one(self, grad: Any, param: mx.array, slot: dict, index: int, shared: dict) -> mx.array:

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from contextvars import ContextVar
-
 import mlx.core as mx
-
-# A boolean scalar that only one parameter's compiled kernel reads (its own step input is
-# not -1), set by the optimizer around that parameter's update; see ``cast``.
-OWN_KERNEL: ContextVar[mx.array | None] = ContextVar("own_kernel", default=None)
 
 
 def scalar_dtype() -> mx.Dtype:
@@ -28,34 +22,18 @@ def cast(scalar: mx.array | float, like: mx.array) -> mx.array | float:
     at the hyperparameters' precision (as torch does in Python floats) and cast them
     once, where they meet a tensor.
 
-    Two things are for speed under ``mx.compile``, which fuses each tensor's elementwise
-    update into one kernel:
-
-    - ``mx.contiguous`` is never fused, so a scalar chain (``beta ** step`` ...) is computed
-      once instead of for every element of a kernel it would be fused into (measured 10x
-      slower on an Adam step; a reshape to (1, 1) also blocks fusion but makes the kernel
-      index a broadcast, 1.4x slower).
-    - The cast to ``like``'s dtype should happen inside each kernel. MLX's CPU kernels read
-      a scalar input inside their loop through a pointer; a float32 scalar may alias the
-      float32 outputs, so g++ vectorizes the loop only behind runtime alias checks, at most
-      10 (SGD's kernel needs 11: 1.16x slower than with its momentum as a constant), while
-      a float64 one cannot alias and its load leaves the loop. But ``mx.compile`` merges the
-      identical casts of all parameters into one node, which then cannot fuse into any of
-      them. ``OWN_KERNEL`` (a value of this parameter's own) keeps them apart: selecting
-      the scalar by it changes nothing but makes the cast this kernel's alone.
+    ``mx.contiguous`` is for speed: ``mx.compile`` fuses elementwise chains, and a scalar
+    chain (``beta ** step`` ...) fused into a tensor's kernel is recomputed for every
+    element (measured 10x slower on an Adam step). ``contiguous`` is never fused, so the
+    scalar is computed once and reaches the kernel as a true 0-d scalar (a reshape to
+    (1, 1) also blocks fusion but makes the kernel index a broadcast; measured 1.4x slower).
 
     A Python number (one of an optimizer's ``constants``) becomes a constant array of
     ``like``'s dtype, which a compiled kernel holds as a literal.
     """
     if not isinstance(scalar, mx.array):
         return mx.array(scalar, like.dtype)
-    if not like.ndim:
-        return scalar.astype(like.dtype)
-    scalar = mx.contiguous(scalar)
-    own = OWN_KERNEL.get()
-    if own is not None:
-        scalar = mx.where(own, scalar, scalar)
-    return scalar.astype(like.dtype)
+    return mx.contiguous(scalar.astype(like.dtype)) if like.ndim else scalar.astype(like.dtype)
 
 
 def lerp(start: mx.array, end: mx.array, weight: mx.array) -> mx.array:
@@ -64,9 +42,12 @@ def lerp(start: mx.array, end: mx.array, weight: mx.array) -> mx.array:
 
 
 def ema_square(avg: mx.array, grad: mx.array, decay: mx.array) -> mx.array:
-    """``decay * avg + (1 - decay) * grad**2``, the running mean of squared gradients, in
-    torch's order of operations."""
-    return cast(decay, avg) * avg + cast(1 - decay, avg) * mx.square(grad)
+    """``decay * avg + (1 - decay) * grad**2``, the running mean of squared gradients.
+
+    Written as a lerp: one scalar reaches the fused kernel instead of two (each scalar
+    input costs time in MLX's CPU kernels, see ``cast``); equal up to rounding.
+    """
+    return lerp(avg, mx.square(grad), 1 - decay)
 
 
 def bias_correction(beta: mx.array | float, step: mx.array) -> mx.array:
