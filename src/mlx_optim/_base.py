@@ -36,7 +36,7 @@ import mlx.core as mx
 import mlx.optimizers as mlx_optim
 
 from ._checkpointable import Checkpointable
-from ._math import cast, scalar_dtype
+from ._math import OWN_KERNEL, cast, scalar_dtype
 from ._validate import Rule, check, scalar_value
 from .sparse import RowSparseGrad
 
@@ -168,6 +168,10 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
     # particular point of its math (Adafactor reads the parameter's RMS before decaying).
     # It then receives ``weight_decay``: an array, or None when the group's is zero.
     own_weight_decay: bool = False
+    # Each parameter's scalar casts inside its own compiled kernel (see _math.cast), so
+    # g++ can vectorize the kernel's loop (SGD). Only for shallow updates: mx.compile
+    # splits a deeper one (depth 11) and the casts become nodes of every parameter's own.
+    casts_in_kernel: bool = False
     # The dtype of state arrays that would otherwise take the parameter's dtype; set it
     # (``opt.state_dtype = mx.float32``) before the state is created to keep bfloat16 or
     # float16 parameters' moments in float32. None: the parameter's dtype, as torch.
@@ -526,13 +530,24 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
             else:
                 target[name][element] = value
         self._state["step"] = step + 1
-        updated, shared_scalars = [], {}
+        updated, shared_scalars, first_steps = [], {}, {}
         for (keys, grad, param), path in zip(pairs, paths):
             slot = self._slot(keys)
             cls = self._class_of[path]
+            # Traced by mx.compile, every state leaf is its own placeholder, so parameters
+            # of one step set arrive with distinct step objects (eagerly they share one):
+            # then each parameter's casts are made its kernel's own (see _math.cast).
+            own_step = slot["step"]
+            distinct = (self.casts_in_kernel
+                        and first_steps.setdefault(cls, own_step) is not own_step)
+            token = OWN_KERNEL.set(own_step != -1 if distinct else None)
             slot["step"] = classes[cls]
             index = self._group_of(path, param)
-            updated.append(self._apply_one(grad, param, slot, index, shared_scalars.setdefault(cls, {})))
+            try:
+                updated.append(self._apply_one(grad, param, slot, index,
+                                               shared_scalars.setdefault(cls, {})))
+            finally:
+                OWN_KERNEL.reset(token)
         return _rebuild(gradients, iter(updated))
 
     def _apply_one(self, grad: Any, param: mx.array, slot: dict, index: int, shared: dict) -> mx.array:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 import mlx.core as mx
+
+# A boolean scalar that only one parameter's compiled kernel reads (its own step input is
+# not -1), set by the optimizer around that parameter's update; see ``cast``.
+OWN_KERNEL: ContextVar[mx.array | None] = ContextVar("own_kernel", default=None)
 
 
 def scalar_dtype() -> mx.Dtype:
@@ -22,18 +28,35 @@ def cast(scalar: mx.array | float, like: mx.array) -> mx.array | float:
     at the hyperparameters' precision (as torch does in Python floats) and cast them
     once, where they meet a tensor.
 
-    ``mx.contiguous`` is for speed: ``mx.compile`` fuses elementwise chains, and a scalar
-    chain (``beta ** step`` ...) fused into a tensor's kernel is recomputed for every
-    element (measured 10x slower on an Adam step). ``contiguous`` is never fused, so the
-    scalar is computed once and reaches the kernel as a true 0-d scalar (a reshape to
-    (1, 1) also blocks fusion but makes the kernel index a broadcast; measured 1.4x slower).
+    Two things are for speed under ``mx.compile``, which fuses each tensor's elementwise
+    update into one kernel:
+
+    - ``mx.contiguous`` is never fused, so a scalar chain (``beta ** step`` ...) is computed
+      once instead of for every element of a kernel it would be fused into (measured 10x
+      slower on an Adam step; a reshape to (1, 1) also blocks fusion but makes the kernel
+      index a broadcast, 1.4x slower).
+    - The cast to ``like``'s dtype should happen inside each kernel. MLX's CPU kernels read
+      a scalar input inside their loop through a pointer; a float32 scalar may alias the
+      float32 outputs, so g++ vectorizes the loop only behind runtime alias checks, at most
+      10 (SGD's kernel needs 11: 1.16x slower than with its momentum as a constant), while
+      a float64 one cannot alias and its load leaves the loop. But ``mx.compile`` merges the
+      identical casts of all parameters into one node, which then cannot fuse into any of
+      them. ``OWN_KERNEL`` (a value of this parameter's own) keeps them apart: selecting
+      the scalar by it changes nothing but makes the cast this kernel's alone. Optimizers
+      with shallow updates ask for it (``Optimizer.casts_in_kernel``).
 
     A Python number (one of an optimizer's ``constants``) becomes a constant array of
     ``like``'s dtype, which a compiled kernel holds as a literal.
     """
     if not isinstance(scalar, mx.array):
         return mx.array(scalar, like.dtype)
-    return mx.contiguous(scalar.astype(like.dtype)) if like.ndim else scalar.astype(like.dtype)
+    if not like.ndim:
+        return scalar.astype(like.dtype)
+    scalar = mx.contiguous(scalar)
+    own = OWN_KERNEL.get()
+    if own is not None:
+        scalar = mx.where(own, scalar, scalar)
+    return scalar.astype(like.dtype)
 
 
 def lerp(start: mx.array, end: mx.array, weight: mx.array) -> mx.array:

@@ -56,6 +56,7 @@ class Adagrad(Optimizer):
                         "Invalid initial_accumulator_value value: {value}"))
     row_sparse = True  # a RowSparseGrad updates its rows only (as torch's sparse gradients)
     update_fn = staticmethod(adagrad_update)
+    casts_in_kernel = True
 
     def __init__(self, learning_rate=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
                  eps=1e-10, *, maximize=False, groups=None, constants=()):

@@ -49,6 +49,7 @@ class Adamax(Optimizer):
 
     rules = (v.LEARNING_RATE, v.EPS, *v.BETAS, v.WEIGHT_DECAY)
     update_fn = staticmethod(adamax_update)
+    casts_in_kernel = True
 
     def __init__(self, learning_rate=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  maximize=False, groups=None, constants=()):

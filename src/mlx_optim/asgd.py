@@ -59,6 +59,7 @@ class ASGD(Optimizer):
              v.at_least("lambd", 0.0, "Invalid lambd value: {value}"),
              v.at_least("alpha", 0.0, "Invalid alpha value: {value}"))
     update_fn = staticmethod(asgd_update)
+    casts_in_kernel = True
 
     def __init__(self, learning_rate=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0, *,
                  maximize=False, groups=None, constants=()):

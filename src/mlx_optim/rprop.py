@@ -60,6 +60,7 @@ class Rprop(Optimizer):
         v.at_least("step_sizes", 0.0, "Invalid step_sizes value: {value}", index=1),
     )
     update_fn = staticmethod(rprop_update)
+    casts_in_kernel = True
 
     def __init__(self, learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), *, maximize=False,
                  groups=None, constants=()):

@@ -60,6 +60,7 @@ class SGD(Optimizer):
     rules = (v.LEARNING_RATE, v.MOMENTUM, v.WEIGHT_DECAY)
     structural_zeros = ("weight_decay", "momentum", "dampening")
     update_fn = staticmethod(sgd_update)
+    casts_in_kernel = True
 
     def __init__(self, learning_rate=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, groups=None, constants=()):
