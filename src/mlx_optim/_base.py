@@ -154,9 +154,9 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         maximize: ascend instead of descend.
         constants: names of numeric hyperparameters (``"momentum"``, ``"betas"``, ``"eps"``
             ...) compiled into the step as constants instead of held as arrays. They can
-            never change afterwards (assigning one raises, a schedule is refused), and on
-            MLX's CPU backend the compiled step is faster: every array hyperparameter that
-            reaches a fused kernel costs time there (README, Speed).
+            never change afterwards (assigning one raises, a schedule is refused); a
+            compiled kernel then reads a literal instead of an input, which can be a little
+            faster on MLX's CPU backend (README, Speed).
     """
 
     rules: tuple[Rule, ...] = ()
