@@ -54,6 +54,11 @@ def _is_static(value: Any) -> bool:
     )
 
 
+def is_schedule(value: Any) -> bool:
+    """Whether a hyperparameter value is a schedule (a function of the step)."""
+    return callable(value) and not isinstance(value, mx.array)
+
+
 def _leaves(tree: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
     """(key path, leaf) pairs of a parameter or gradient tree, in a fixed order."""
     if isinstance(tree, dict):
@@ -260,7 +265,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
             for where, group in sources:
                 value = group.get(name)
                 for v in value if isinstance(value, (tuple, list)) else (value,):
-                    if callable(v) and not isinstance(v, mx.array):
+                    if is_schedule(v):
                         raise ValueError(f"constants: {name} is a schedule in {where}; "
                                          "a constant cannot change")
         return frozenset(names)
@@ -279,7 +284,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
 
     def _store_one(self, index: int, name: str, element: int | None, value: Any) -> mx.array:
         key = (index, name, element)
-        if callable(value) and not isinstance(value, mx.array):
+        if is_schedule(value):
             self._schedules[key] = value
             return _as_array(value(self._state["step"]), self._scalar_dtype)
         self._schedules.pop(key, None)

@@ -21,7 +21,7 @@ def scalar_dtype() -> mx.Dtype:
     return mx.float64 if mx.default_device() == mx.cpu else mx.float32
 
 
-def cast(scalar: mx.array | float, like: mx.array) -> mx.array | float:
+def cast(scalar: mx.array | float, like: mx.array) -> mx.array:
     """A scalar coefficient, computed in ``scalar_dtype``, in ``like``'s dtype.
 
     Update functions compute coefficients such as ``1 - beta2`` or ``lr / (1 - beta1**t)``

@@ -37,7 +37,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from ._base import _as_array, _lookup, _slots, insert_slot, is_slot
+from ._base import _as_array, _lookup, _slots, insert_slot, is_schedule, is_slot
 
 FORMAT = "mlx_optim.checkpoint"
 VERSION = 1
@@ -363,7 +363,7 @@ def _load_base(opt: Any, sd: dict) -> None:
                                      f"when built (a flag or one of its constants): build it "
                                      f"with {key}={stored!r}")
                 values[key] = value
-            elif callable(value) and not isinstance(value, mx.array):
+            elif is_schedule(value):
                 if stored != _SCHEDULE:
                     raise ValueError(f"{where}: {key} is a schedule in this optimizer but the "
                                      f"number {stored!r} in the checkpoint")
@@ -569,7 +569,7 @@ def load_torch_state_dict(opt: Any, torch_state_dict: Any, paths: list[str], par
         given = torch_values.get(index)
         values = {}
         for name, value in current.items():
-            if callable(value) and not isinstance(value, mx.array):
+            if is_schedule(value):
                 values[name] = dict(_SCHEDULE)  # ours is scheduled: keep the schedule
             elif given is None:
                 values[name] = _jsonable(value)

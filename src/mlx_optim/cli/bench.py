@@ -28,6 +28,7 @@ import mlx.core as mx
 import mlx.optimizers as mlx_opt
 
 import mlx_optim
+from mlx_optim._base import array_hyperparameters
 
 from . import UsageError, check_names, format_table, positive_int
 
@@ -101,8 +102,6 @@ RATIOS = (("ours", "mlx"), ("ours, constants", "mlx"), ("ours", "torch foreach")
 
 def all_but_learning_rate(make_opt) -> tuple[str, ...]:
     """The hyperparameters ``mlx.optimizers`` compiles in: all but the learning rate."""
-    from .._base import array_hyperparameters
-
     return tuple(n for n in array_hyperparameters(make_opt()) if n != "learning_rate")
 
 
