@@ -187,12 +187,20 @@ def test_bench_measures_every_implementation_and_writes_json(tmp_path, capsys):
     assert all(0 < v < 10_000 for v in ms.values())
     row = next(line for line in out.splitlines() if line.startswith("| SGD"))
     cells = [cell.strip() for cell in row.split("|")[1:-1]]
-    ratios = report["results"]["SGD"]["ratios"]
+    ratios, quartiles = report["results"]["SGD"]["ratios"], report["results"]["SGD"]["quartiles"]
+    keys = ("ours / mlx", "ours, constants / mlx", "ours / torch foreach", "ours / torch fused")
     assert cells[1] == f"{ms['ours']:.2f}" and cells[2:6] == [
-        f"{ratios[key]:.2f}x" for key in ("ours / mlx", "ours, constants / mlx",
-                                          "ours / torch foreach", "ours / torch fused")]
-    # One round: each ratio is that round's own.
+        f"{ratios[k]:.2f}x ({quartiles[k][0]:.2f}-{quartiles[k][1]:.2f})" for k in keys]
+    # One round: each ratio is that round's own, and so are both quartiles.
     assert ratios["ours / mlx"] == pytest.approx(ms["ours"] / ms["mlx"])
+    assert quartiles["ours / mlx"] == [ratios["ours / mlx"]] * 2
+
+
+def test_bench_quartiles_bound_the_middle_half_of_the_rounds():
+    from mlx_optim.cli.bench import quartiles
+
+    assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == [2.0, 4.0]
+    assert quartiles([0.9, 1.1]) == pytest.approx([0.95, 1.05])
 
 
 # ---------------------------------------------------------------------------- verify

@@ -103,3 +103,51 @@ def test_scheduled_learning_rate_compiles_once():
     assert traces == [1]
     # The value used by update k is schedule(k); the state shows the last one used.
     assert seen == pytest.approx([0.1, 0.05, 0.025, 0.0125])
+
+
+def _compiled_nodes(case, config):
+    """The nodes of one compiled step's graph (fixed gradients, three parameters), and
+    whether the optimizer asks for each kernel's own casts."""
+    import io
+    import re
+
+    from mlx_optim.parity.cases import ours_kwargs
+
+    problem = Problem(case.shapes)
+    params = problem.mlx_params(mx.float32)
+    grads = problem.mlx_grads(params)
+    opt = case.ours(**ours_kwargs(config.kwargs))
+    opt.init(params)
+    state = [opt.state, params]
+
+    def step(grads):
+        state[1] = opt.apply_gradients(grads, state[1])
+
+    step = mx.compile(step, inputs=state, outputs=state)
+    step(grads)
+    mx.eval(state)
+    step(grads)
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *[a for _, a in tree_flatten(state)])
+    return len(re.findall(r'label ="', dot.getvalue())), opt.casts_in_kernel
+
+
+OWN_CASTS = [(case, config) for case in CASES if case.grad_kind == "dense"
+             for config in case.configs if case.name in
+             ("SGD", "ASGD", "Rprop", "Adagrad", "Adamax", "RMSprop")]
+
+
+@pytest.mark.parametrize("case, config", OWN_CASTS,
+                         ids=[f"{c.name}-{k.desc}" for c, k in OWN_CASTS])
+def test_casts_inside_kernels_add_no_compiled_nodes(case, config, monkeypatch):
+    # Each parameter's own casts (_math.cast) must fuse into its kernel: where the select's
+    # depth made mx.compile split the update, they would become nodes of their own.
+    from mlx_optim._base import Optimizer
+
+    own, asks = _compiled_nodes(case, config)
+    monkeypatch.setattr(Optimizer, "_traced_classes", lambda self, slots, paths: set())
+    shared, _ = _compiled_nodes(case, config)
+    if asks:  # the shared cast nodes are gone, and nothing took their place
+        assert own < shared, f"{own} nodes with each kernel's own casts, {shared} without"
+    else:
+        assert own == shared

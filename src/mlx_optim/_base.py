@@ -535,17 +535,12 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
             else:
                 target[name][element] = value
         self._state["step"] = step + 1
-        updated, shared_scalars, first_steps = [], {}, {}
-        for (keys, grad, param), path in zip(pairs, paths):
-            slot = self._slot(keys)
+        slots = [self._slot(keys) for keys, _, _ in pairs]
+        own_casts = self._traced_classes(slots, paths) if self.casts_in_kernel else set()
+        updated, shared_scalars = [], {}
+        for (keys, grad, param), path, slot in zip(pairs, paths, slots):
             cls = self._class_of[path]
-            # Traced by mx.compile, every state leaf is its own placeholder, so parameters
-            # of one step set arrive with distinct step objects (eagerly they share one):
-            # then each parameter's casts are made its kernel's own (see _math.cast).
-            own_step = slot["step"]
-            distinct = (self.casts_in_kernel
-                        and first_steps.setdefault(cls, own_step) is not own_step)
-            token = OWN_KERNEL.set(own_step != -1 if distinct else None)
+            token = OWN_KERNEL.set(cls in own_casts)
             slot["step"] = classes[cls]
             index = self._group_of(path, param)
             try:
@@ -554,6 +549,17 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
             finally:
                 OWN_KERNEL.reset(token)
         return _rebuild(gradients, iter(updated))
+
+    def _traced_classes(self, slots: list, paths: list[str]) -> set[int]:
+        """The step sets of several parameters being traced by ``mx.compile``: there every
+        state leaf is its own placeholder, so their slots hold distinct step objects
+        (eagerly they share one). Their casts are made each kernel's own (``_math.cast``)."""
+        first, traced = {}, set()
+        for slot, path in zip(slots, paths):
+            cls = self._class_of[path]
+            if first.setdefault(cls, slot["step"]) is not slot["step"]:
+                traced.add(cls)
+        return traced
 
     def _apply_one(self, grad: Any, param: mx.array, slot: dict, index: int, shared: dict) -> mx.array:
         """One parameter's step. ``slot["step"]`` is already advanced. ``shared`` holds the
@@ -573,7 +579,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
             if hyper.get("decoupled_weight_decay", False):
                 p = p * cast(1 - hyper["learning_rate"] * wd, p)
             else:
-                g = g + cast(wd, p) * p
+                g = g + cast(wd, p, shared=True) * p
         # bf16/fp16 state is updated in float32 too; float32/float64 state as it is.
         old_scalars, new_scalars = shared.setdefault("old", {}), shared.setdefault("new", {})
         state = {}

@@ -6,9 +6,9 @@ from contextvars import ContextVar
 
 import mlx.core as mx
 
-# A boolean scalar that only one parameter's compiled kernel reads (its own step input is
-# not -1), set by the optimizer around that parameter's update; see ``cast``.
-OWN_KERNEL: ContextVar[mx.array | None] = ContextVar("own_kernel", default=None)
+# True while mx.compile traces the update of a parameter whose casts should be its kernel's
+# own; set by the optimizer around that parameter's update, see ``cast``.
+OWN_KERNEL: ContextVar[bool] = ContextVar("own_kernel", default=False)
 
 
 def scalar_dtype() -> mx.Dtype:
@@ -21,7 +21,7 @@ def scalar_dtype() -> mx.Dtype:
     return mx.float64 if mx.default_device() == mx.cpu else mx.float32
 
 
-def cast(scalar: mx.array | float, like: mx.array) -> mx.array:
+def cast(scalar: mx.array | float, like: mx.array, *, shared: bool = False) -> mx.array:
     """A scalar coefficient, computed in ``scalar_dtype``, in ``like``'s dtype.
 
     Update functions compute coefficients such as ``1 - beta2`` or ``lr / (1 - beta1**t)``
@@ -41,9 +41,13 @@ def cast(scalar: mx.array | float, like: mx.array) -> mx.array:
       10 (SGD's kernel needs 11: 1.16x slower than with its momentum as a constant), while
       a float64 one cannot alias and its load leaves the loop. But ``mx.compile`` merges the
       identical casts of all parameters into one node, which then cannot fuse into any of
-      them. ``OWN_KERNEL`` (a value of this parameter's own) keeps them apart: selecting
-      the scalar by it changes nothing but makes the cast this kernel's alone. Optimizers
-      with shallow updates ask for it (``Optimizer.casts_in_kernel``).
+      them. Under ``OWN_KERNEL`` a select on ``like`` itself keeps them apart: it changes
+      no value (g++ folds ``c ? s : s`` away) and adds no kernel input, but makes the cast
+      this kernel's alone. Optimizers with shallow updates ask for it
+      (``Optimizer.casts_in_kernel``). The select adds depth where the scalar is used, and
+      ``mx.compile`` splits a kernel deeper than 11 into several (each own cast then a node
+      of its own), so ``shared=True`` keeps one cast for a scalar used at the bottom of the
+      update (L2 weight decay, applied to the gradient first).
 
     A Python number (one of an optimizer's ``constants``) becomes a constant array of
     ``like``'s dtype, which a compiled kernel holds as a literal.
@@ -52,11 +56,10 @@ def cast(scalar: mx.array | float, like: mx.array) -> mx.array:
         return mx.array(scalar, like.dtype)
     if not like.ndim:
         return scalar.astype(like.dtype)
-    scalar = mx.contiguous(scalar)
-    own = OWN_KERNEL.get()
-    if own is not None:
-        scalar = mx.where(own, scalar, scalar)
-    return scalar.astype(like.dtype)
+    if OWN_KERNEL.get() and not shared:
+        # No barrier needed: every parameter's select reads the scalar, so none fuses it.
+        return mx.where(like == like, scalar, scalar).astype(like.dtype)
+    return mx.contiguous(scalar).astype(like.dtype)
 
 
 def lerp(start: mx.array, end: mx.array, weight: mx.array) -> mx.array:

@@ -12,8 +12,10 @@ from ._math import cast, ema_square
 def adadelta_update(param, grad, state, *, learning_rate, rho, eps):
     """One Adadelta step on ``square_avg`` and ``acc_delta``."""
     square_avg = ema_square(state["square_avg"], grad, rho)
-    std = mx.sqrt(square_avg + cast(eps, grad))
-    delta = mx.sqrt(state["acc_delta"] + cast(eps, grad)) / std * grad
+    eps = cast(eps, grad)
+    # torch's sqrt(u + eps) / sqrt(v + eps), with one square root instead of two: square
+    # roots set the pace of MLX's CPU kernels (README, Speed: 1.02x -> 0.84x).
+    delta = mx.sqrt((state["acc_delta"] + eps) / (square_avg + eps)) * grad
     acc_delta = ema_square(state["acc_delta"], delta, rho)
     new_param = param - cast(learning_rate, param) * delta
     return new_param, {**state, "square_avg": square_avg, "acc_delta": acc_delta}

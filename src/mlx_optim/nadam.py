@@ -18,9 +18,12 @@ def nadam_update(param, grad, state, *, learning_rate, betas, eps, momentum_deca
     mu_product = state["mu_product"].astype(scalar_dtype()) * mu
     exp_avg = lerp(state["exp_avg"], grad, 1 - beta1)
     exp_avg_sq = ema_square(state["exp_avg_sq"], grad, beta2)
-    denom = mx.sqrt(exp_avg_sq / cast(bias_correction(beta2, state["step"]), grad)) + cast(eps, grad)
-    grad_coef = learning_rate * (1.0 - mu) / (1.0 - mu_product)
-    avg_coef = learning_rate * mu_next / (1.0 - mu_product * mu_next)
+    # torch's  (...) / (sqrt(v / bc2) + eps), with sqrt(bc2) moved into the scalars: one
+    # divide per element instead of two (as in Adam).
+    bias_correction2_sqrt = mx.sqrt(bias_correction(beta2, state["step"]))
+    denom = mx.sqrt(exp_avg_sq) + cast(eps * bias_correction2_sqrt, grad)
+    grad_coef = learning_rate * bias_correction2_sqrt * (1.0 - mu) / (1.0 - mu_product)
+    avg_coef = learning_rate * bias_correction2_sqrt * mu_next / (1.0 - mu_product * mu_next)
     new_param = param - (cast(grad_coef, param) * grad + cast(avg_coef, param) * exp_avg) / denom
     return new_param, {**state, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "mu_product": mu_product}
 

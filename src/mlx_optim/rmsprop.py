@@ -66,6 +66,12 @@ class RMSprop(Optimizer):
     structural_zeros = ("weight_decay", "momentum")
     update_fn = staticmethod(rmsprop_update)
 
+    @property
+    def casts_in_kernel(self) -> bool:
+        # Centered with momentum is deep enough that mx.compile splits the update anyway.
+        return not any(values["centered"] and active["momentum"]
+                       for values, active in zip(self._group_values, self._active))
+
     def __init__(self, learning_rate=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, *, maximize=False, groups=None, constants=()):
         super().__init__(dict(learning_rate=learning_rate, alpha=alpha, eps=eps,

@@ -151,8 +151,9 @@ def timed(run, steps) -> float:
 
 def measure(rounds: int = 7, steps: int = 20, only: list[str] | None = None,
             torch=None) -> dict:
-    """Per optimizer: median ms/step of each implementation, and the median over rounds of
-    each RATIOS ratio: {name: {"ms": {...}, "ratios": {"ours / mlx": ...}, "note": ...}}."""
+    """Per optimizer: median ms/step of each implementation, and the median and quartiles
+    over rounds of each RATIOS ratio: {name: {"ms": {...}, "ratios": {"ours / mlx": ...},
+    "quartiles": {"ours / mlx": [q1, q3]}, "note": ...}}."""
     order = random.Random(0)
     results = {}
     for name, (ours, theirs, torch_factory, note) in PAIRS.items():
@@ -175,23 +176,39 @@ def measure(rounds: int = 7, steps: int = 20, only: list[str] | None = None,
             order.shuffle(keys)
             for key in keys:
                 samples[key].append(timed(runners[key], steps))
-        ratios = {f"{a} / {b}": statistics.median(x / y for x, y in zip(samples[a], samples[b]))
-                  for a, b in RATIOS if a in samples and b in samples}
+        per_round = {f"{a} / {b}": [x / y for x, y in zip(samples[a], samples[b])]
+                     for a, b in RATIOS if a in samples and b in samples}
         results[name] = {"ms": {k: statistics.median(v) for k, v in samples.items()},
-                         "ratios": ratios, "note": note}
+                         "ratios": {k: statistics.median(v) for k, v in per_round.items()},
+                         "quartiles": {k: quartiles(v) for k, v in per_round.items()},
+                         "note": note}
     return results
+
+
+def quartiles(values: list[float]) -> list[float]:
+    """The first and third quartiles: the middle half of the rounds' ratios."""
+    if len(values) < 2:
+        return [values[0], values[0]]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return [q1, q3]
 
 
 def table(results: dict) -> str:
     rows = []
     for name, result in results.items():
-        ratios = result["ratios"]
-        cells = [f"{ratios[f'{a} / {b}']:.2f}x" if f"{a} / {b}" in ratios else "—" for a, b in RATIOS]
+        ratios, spread = result["ratios"], result["quartiles"]
+        cells = [ratio_cell(ratios[key], spread[key]) if key in ratios else "—"
+                 for key in (f"{a} / {b}" for a, b in RATIOS)]
         rows.append((name, f"{result['ms']['ours']:.2f}", *cells, result["note"]))
     header = ("optimizer", "ours ms/step", "ours / mlx.optimizers",
               "ours with constants / mlx.optimizers", "ours / torch foreach", "ours / torch fused",
               "note")
     return format_table(header, rows, right={1, 2, 3, 4, 5})
+
+
+def ratio_cell(ratio: float, spread: list[float]) -> str:
+    """``0.99x (0.95-1.03)``: the median ratio and the middle half of the rounds'."""
+    return f"{ratio:.2f}x ({spread[0]:.2f}-{spread[1]:.2f})"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -207,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
     flat = flat_shapes()
     n_params = sum(math.prod(s) for s in flat)
     print(f"{n_params / 1e6:.2f}M parameters in {len(flat)} tensors, {args.rounds} rounds x "
-          f"{args.steps} compiled steps, medians"
+          f"{args.steps} compiled steps; medians, and in parentheses the middle half of "
+          "the rounds' ratios"
           + ("" if torch else "; torch is not installed, so no torch columns") + "\n")
     results = measure(args.rounds, args.steps, args.only, torch)
     print(table(results))
