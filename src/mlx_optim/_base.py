@@ -175,7 +175,9 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
     own_weight_decay: bool = False
     # Each parameter's scalar casts inside its own compiled kernel (see _math.cast), so
     # g++ can vectorize the kernel's loop (SGD). Only for shallow updates: mx.compile
-    # splits a deeper one (depth 11) and the casts become nodes of every parameter's own.
+    # splits a deeper one (depth 11) and the casts become nodes of every parameter's own
+    # (a property where it depends on the configuration, as in RMSprop;
+    # tests/test_compile.py checks that it never adds nodes).
     casts_in_kernel: bool = False
     # The dtype of state arrays that would otherwise take the parameter's dtype; set it
     # (``opt.state_dtype = mx.float32``) before the state is created to keep bfloat16 or
