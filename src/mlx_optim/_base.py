@@ -255,6 +255,8 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
     def _check_constants(self, constants: Sequence[str], groups: Sequence[dict] | None
                          ) -> frozenset[str]:
         names = (constants,) if isinstance(constants, str) else tuple(constants)
+        sources = [("the default group", self._defaults)]
+        sources += [(f"groups[{i}]", dict(g)) for i, g in enumerate(groups or ())]
         for name in names:
             if name not in self._defaults:
                 raise ValueError(f"constants: {type(self).__name__} has no hyperparameter "
@@ -262,8 +264,6 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
             if self._is_static(name, self._defaults[name]):
                 raise ValueError(f"constants: {name} is a flag, fixed when the optimizer is "
                                  "built anyway")
-            sources = [("the default group", self._defaults)]
-            sources += [(f"groups[{i}]", dict(g)) for i, g in enumerate(groups or ())]
             for where, group in sources:
                 value = group.get(name)
                 for v in value if isinstance(value, (tuple, list)) else (value,):
