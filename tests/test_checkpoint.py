@@ -167,7 +167,17 @@ def _missing_hyper(sd):
     del sd["state"]["eps"]
 
 
+def _groups_not_dicts(sd):
+    sd["groups"] = [1]
+
+
+def _class_not_an_index(sd):
+    sd["step_class_of"] = {path: 0.0 for path in sd["step_class_of"]}
+
+
 BAD_DICTS = [
+    (_groups_not_dicts, "groups, active terms or step_class_of are damaged"),
+    (_class_not_an_index, "step class 0.0 of parameter .* is out of range"),
     (_drop_key, r"state of parameter 'blocks.1.kernel'.*lacks key\(s\) \['exp_avg_sq'\]"),
     (_wrong_shape, r"state of parameter 'layer.weight'\['exp_avg'\].*shape \(3, 4\).*\(4, 3\)"),
     (_wrong_dtype, r"'layer.weight'\['exp_avg'\].*dtype mlx.core.float16.*float32"),
@@ -330,6 +340,142 @@ def test_load_into_a_compiled_step_in_place(tmp_path):
     for (path, a), (_, b) in zip(tree_flatten(resumed), tree_flatten(expected)):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6, atol=1e-7, err_msg=path)
     assert opt.state["step"].item() == 6
+
+
+def _partial_grads(params, only=None):
+    """Gradients of every parameter of ``params`` (a flat dict), or of those in ``only``."""
+    return {k: mx.sin(3 * v + 0.3) for k, v in params.items() if only is None or k in only}
+
+
+def test_load_into_a_compiled_step_after_partial_steps(tmp_path):
+    """Partial steps leave step sets numbered by history; a step compiled before a load
+    reads each parameter's set by that number, so the load must keep it or retrace."""
+    shapes = {"w": (4, 3), "b": (3,), "k": (2, 2), "m": (2,)}
+    start = {k: mx.random.normal(s, key=mx.random.key(i)) for i, (k, s) in enumerate(shapes.items())}
+
+    def partial_steps(opt, params):
+        for only in (None, {"w", "k"}, {"m"}):  # sets: {w, k}, {b}, {m}, steps 2, 1, 2
+            params = {**params, **opt.apply_gradients(_partial_grads(params, only), params)}
+        return params
+
+    saver = mlx_optim.Adam(learning_rate=0.01)
+    params = partial_steps(saver, start)
+    saver.save(tmp_path / "partial")
+    expected = params
+    for _ in range(2):
+        expected = {**expected, **saver.apply_gradients(_partial_grads(expected), expected)}
+
+    for history in (partial_steps, lambda opt, p: opt.init(p)):  # other numberings, same count
+        opt = mlx_optim.Adam(learning_rate=0.01)
+        history(opt, start)
+        step = mx.compile(lambda p: opt.apply_gradients(_partial_grads(p), p),
+                          inputs=[opt.state], outputs=[opt.state])
+        mx.eval(step(start), opt.state)  # traced with this optimizer's own step sets
+        opt.load(tmp_path / "partial")
+        resumed = params
+        for _ in range(2):
+            resumed = step(resumed)
+        mx.eval(resumed, opt.state)
+        assert_bitwise(resumed, expected, "params")
+        assert {k: opt.state["param_state"][k]["step"].item() for k in shapes} == {
+            "w": 4, "b": 3, "k": 4, "m": 4}
+
+
+def test_load_into_a_compiled_step_keeps_this_optimizers_parameter_order(tmp_path):
+    """A checkpoint whose optimizer met the parameters in another order: a compiled step
+    pairs state leaves by position, so the loaded state keeps this optimizer's order."""
+    start = {"a": mx.array([1.0, 2.0]), "b": mx.array([0.5, -0.5])}
+    saver = mlx_optim.Adam(learning_rate=0.1)
+    saver.init({"b": start["b"], "a": start["a"]})
+    params = start
+    for _ in range(2):
+        params = saver.apply_gradients(_partial_grads(params), params)
+    saver.save(tmp_path / "b_first")
+    expected = saver.apply_gradients(_partial_grads(params), params)
+
+    opt = mlx_optim.Adam(learning_rate=0.1)
+    opt.init(start)
+    step = mx.compile(lambda p: opt.apply_gradients(_partial_grads(p), p),
+                      inputs=[opt.state], outputs=[opt.state])
+    mx.eval(step(start), opt.state)
+    opt.load(tmp_path / "b_first")
+    assert list(opt.state["param_state"]) == ["a", "b"]
+    resumed = step(params)
+    mx.eval(resumed, opt.state)
+    assert_bitwise(resumed, expected, "params")
+    for key in ("a", "b"):
+        assert_bitwise(opt.state["param_state"][key], saver.state["param_state"][key], key)
+
+
+def test_a_loaded_step_set_spanning_new_groups_splits_without_init(tmp_path):
+    """Members of a step set share scalar state (ASGD's eta): a set loaded into an optimizer
+    whose groups part it splits at the first step, init() before load or not."""
+    start = {"w": mx.array([1.0, 2.0]), "b": mx.array([0.5, -0.5]), "x": mx.array([3.0])}
+    saver = mlx_optim.ASGD(learning_rate=0.01, t0=0, groups=[{"params": "x", "learning_rate": 0.5}])
+    params = start
+    for _ in range(2):
+        params = saver.apply_gradients(_partial_grads(params), params)
+    saver.save(tmp_path / "asgd")
+
+    results = []
+    for init_first in (True, False):
+        opt = mlx_optim.ASGD(learning_rate=0.01, t0=0,
+                             groups=[{"params": ["b", "x"], "learning_rate": 0.5}])
+        if init_first:
+            opt.init(params)
+        opt.load(tmp_path / "asgd")
+        resumed = params
+        for _ in range(3):
+            resumed = opt.apply_gradients(_partial_grads(resumed), resumed)
+        mx.eval(resumed, opt.state)
+        assert opt.state["param_state"]["b"]["eta"].item() == pytest.approx(
+            opt.state["param_state"]["x"]["eta"].item())  # group 0.5's, not w's
+        assert opt.state["param_state"]["w"]["eta"].item() < 0.011
+        results.append(resumed)
+    assert_bitwise(results[1], results[0], "params")
+
+
+def test_schedule_of_one_beta_survives_a_load(tmp_path):
+    beta1 = mlx_optim.LinearLR(0.9, start_factor=0.5, total_iters=4)
+    opt = mlx_optim.Adam(learning_rate=0.01, betas=(beta1, 0.999))
+    params = {"w": mx.array([1.0, 2.0])}
+    params = opt.apply_gradients({"w": mx.array([1.0, -1.0])}, params)
+    opt.save(tmp_path / "beta1")
+
+    resumed = mlx_optim.Adam(learning_rate=0.01, betas=(beta1, 0.9))
+    resumed.load(tmp_path / "beta1")
+    assert resumed.param_groups[0]["betas"][1].item() == 0.999
+    resumed.learning_rate = 0.02  # the group still holds its schedule, so this validates
+    for _ in range(3):
+        params = resumed.apply_gradients({"w": mx.array([1.0, -1.0])}, params)
+        assert resumed.betas[0].item() == pytest.approx(beta1(resumed.state["step"] - 1).item())
+
+    plain = mlx_optim.Adam(learning_rate=0.01)
+    before = snapshot(plain)
+    with pytest.raises(ValueError, match=r"betas\[0\] is a schedule in the checkpoint"):
+        plain.load(tmp_path / "beta1")
+    assert_unchanged(plain, before)
+
+
+def test_a_damaged_attached_scheduler_state_changes_nothing():
+    def trained(steps, lr):
+        opt = mlx_optim.Adam(learning_rate=lr)
+        plateau = mlx_optim.ReduceLROnPlateau(opt, patience=0)
+        params = {"w": mx.array([1.0, 2.0])}
+        for _ in range(steps):
+            params = opt.apply_gradients({"w": mx.array([0.5, -0.5])}, params)
+            plateau.step(1.0)
+        return opt, plateau
+
+    source, _ = trained(5, 0.1)
+    sd = source.state_dict()
+    sd["attached"][0]["state"].update(mode="median", patience=99)
+    opt, plateau = trained(2, 0.01)
+    before, plateau_before = snapshot(opt), plateau.state_dict()
+    with pytest.raises(ValueError, match="mode 'median' is unknown"):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, before)
+    assert plateau.state_dict() == plateau_before
 
 
 def test_float64_state_round_trips_through_a_file(tmp_path):

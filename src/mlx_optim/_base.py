@@ -376,8 +376,26 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         """Create the state of every parameter in ``parameters`` that has none yet.
 
         Call it before ``mx.compile`` so the compiled step sees the complete state.
-        Existing (e.g. loaded) state is never re-initialised.
+        Existing (e.g. loaded) state is never re-initialised. The first call checks that
+        each group selects some parameter of ``parameters`` (a selector that matches
+        nothing is a typo), before anything is created.
         """
+        if not self._initialized:
+            self.check_groups_select(parameters)
+        self._init_slots(parameters)
+
+    def check_groups_select(self, parameters: dict) -> None:
+        """Raise ``ValueError`` if a group selects no parameter of ``parameters``."""
+        if len(self._group_selectors) == 1:
+            return
+        used = {self._group_of(_dotted(k), p) for k, p in _leaves(parameters)
+                if isinstance(p, mx.array)}
+        unused = [i - 1 for i in range(1, len(self._group_selectors)) if i not in used]
+        if unused:
+            raise ValueError(f"groups {unused} select no parameter; check their 'params' selectors")
+
+    def _init_slots(self, parameters: dict) -> None:
+        """``init`` without the groups' check: the state of parameters that have none."""
         created = []
         for keys, param in _leaves(parameters):
             if not isinstance(param, mx.array):
@@ -403,11 +421,6 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
                          for k, v in state.items()}
             slot.update(state)
             self._put_slot(keys, slot)
-        if len(self._group_selectors) > 1 and created:
-            used = {self._group_of(_dotted(k), p) for k, p in _leaves(parameters) if isinstance(p, mx.array)}
-            unused = [i - 1 for i in range(1, len(self._group_selectors)) if i not in used]
-            if unused and not self._initialized:
-                raise ValueError(f"groups {unused} select no parameter; check their 'params' selectors")
         self._initialized = True
 
     # ----------------------------------------------------------------- shared steps
@@ -415,16 +428,17 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         self._state["step_classes"].append(step)
         return len(self._state["step_classes"]) - 1
 
-    def _split_step_classes(self, present: set[str]) -> None:
-        """Parameters stepped now leave a set whose other members are not stepped."""
-        members: dict[int, list[str]] = {}
+    def _split_step_classes(self, stepped: dict[str, int]) -> None:
+        """Parameters stepped now (path -> group) leave a set whose other members are not
+        stepped now, or are in another group: members of a set share scalar state, which
+        may depend on the group's values (a loaded set may span groups selected anew)."""
+        members: dict[int, dict[int | None, list[str]]] = {}
         for path, cls in self._class_of.items():
-            members.setdefault(cls, []).append(path)
-        for cls, paths in members.items():
-            stepped = [p for p in paths if p in present]
-            if stepped and len(stepped) < len(paths):
+            members.setdefault(cls, {}).setdefault(stepped.get(path), []).append(path)
+        for cls, parts in members.items():
+            for paths in list(parts.values())[1:]:  # the first part keeps the set
                 new = self._new_step_class(self._state["step_classes"][cls])
-                for path in stepped:
+                for path in paths:
                     self._class_of[path] = new
 
     def _rebuild_step_classes(self) -> None:
@@ -498,6 +512,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
             if not self.row_sparse:
                 raise ValueError(f"{type(self).__name__} does not support row-sparse gradients "
                                  f"(gradient for {path!r}); pass a dense mx.array")
+            grad.check_indices()
             # Decay would touch every row, which a row-sparse step must not (torch's words).
             if self._active[self._group_of(path, param)].get("weight_decay", False):
                 raise ValueError(f"weight_decay option is not compatible with sparse gradients "
@@ -518,13 +533,16 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         parameter raises ``ValueError`` before any parameter or state changes.
         """
         pairs = self._check_gradients(gradients, parameters)
+        if not self._initialized:
+            self.check_groups_select(parameters)  # the parameters, as the gradients may be partial
         missing = [(k, p) for k, _, p in pairs if self._slot(k) is None]
         if missing:
-            self.init(_rebuild_missing(missing))
+            self._init_slots(_rebuild_missing(missing))  # a gradient tree may be partial
         if self._class_of is None:
             self._rebuild_step_classes()
         paths = [_dotted(keys) for keys, _, _ in pairs]
-        self._split_step_classes(set(paths))
+        self._split_step_classes({path: self._group_of(path, param)
+                                  for path, (_, _, param) in zip(paths, pairs)})
         classes = self._state["step_classes"]
         for cls in {self._class_of[path] for path in paths}:
             classes[cls] = classes[cls] + 1
@@ -731,13 +749,23 @@ def _nonzero(name: str, value: Any) -> bool:
     return callable(value) or scalar_value(name, value) != 0.0
 
 
+class _Glob:
+    """A group selector from globs on the dotted path: it never looks at the array."""
+
+    def __init__(self, patterns: list[str]):
+        self.patterns = patterns
+
+    def __call__(self, path: str, _param: Any) -> bool:
+        return any(fnmatch.fnmatchcase(path, p) for p in self.patterns)
+
+
 def _selector(spec: Any, i: int) -> Callable[[str, mx.array], bool]:
     if callable(spec):
         return spec
     patterns = [spec] if isinstance(spec, str) else list(spec)
     if not patterns or not all(isinstance(p, str) for p in patterns):
         raise TypeError(f"groups[{i}]['params'] must be a glob, a list of globs or a predicate")
-    return lambda path, _param: any(fnmatch.fnmatchcase(path, p) for p in patterns)
+    return _Glob(patterns)
 
 
 def _rebuild_missing(pairs: list) -> dict:

@@ -37,7 +37,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from ._base import _as_array, _lookup, _slots, insert_slot, is_schedule, is_slot
+from ._base import _Glob, _as_array, _lookup, _nonzero, _slots, insert_slot, is_schedule, is_slot
 
 FORMAT = "mlx_optim.checkpoint"
 VERSION = 1
@@ -112,9 +112,13 @@ def _check_attached(opt: Any, saved: Any) -> list:
         raise ValueError(f"the checkpoint holds the state of attached scheduler(s) {kept}, "
                          f"this optimizer has {have} attached")
     for obj, s in zip(opt.attached, saved):
-        if set(s["state"]) != set(obj.state_dict()):
-            raise ValueError(f"the checkpoint's {s['type']} state has keys {sorted(s['state'])}, "
+        if not isinstance(s["state"], dict) or set(s["state"]) != set(obj.state_dict()):
+            raise ValueError(f"the checkpoint's {s['type']} state has keys "
+                             f"{sorted(s['state']) if isinstance(s['state'], dict) else s['state']!r}, "
                              f"expected {sorted(obj.state_dict())}")
+        check = getattr(obj, "check_state_dict", None)
+        if check is not None:  # its load must not fail after the optimizer's state is swapped
+            check(s["state"])
     return saved
 
 
@@ -344,9 +348,14 @@ def _load_base(opt: Any, sd: dict) -> None:
         if key not in sd:
             raise ValueError(f"not a state dict of an mlx_optim optimizer: it lacks {key!r}")
     name = type(opt).__name__
+    groups, active, class_of = sd["groups"], sd["active"], sd["step_class_of"]
+    if not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups)
+            and isinstance(active, list) and all(isinstance(a, dict) for a in active)
+            and isinstance(class_of, dict)):
+        raise ValueError("the checkpoint's groups, active terms or step_class_of are damaged "
+                         "(expected lists of dicts and a dict)")
     # Groups: flags must agree (they fix the computation), numbers are taken from the file.
-    groups = sd["groups"]
-    if not isinstance(groups, list) or len(groups) != len(opt._group_values):
+    if len(groups) != len(opt._group_values):
         raise ValueError(f"the checkpoint has {len(groups)} parameter group(s), this {name} "
                          f"{len(opt._group_values)}")
     new_values = []
@@ -363,18 +372,16 @@ def _load_base(opt: Any, sd: dict) -> None:
                                      f"when built (a flag or one of its constants): build it "
                                      f"with {key}={stored!r}")
                 values[key] = value
-            elif is_schedule(value):
-                if stored != _SCHEDULE:
-                    raise ValueError(f"{where}: {key} is a schedule in this optimizer but the "
-                                     f"number {stored!r} in the checkpoint")
-                values[key] = value  # schedules are code: this optimizer's own is kept
+            elif isinstance(value, (tuple, list)):  # betas: each element a number or a schedule
+                if not (isinstance(stored, list) and len(stored) == len(value)):
+                    raise ValueError(f"{where}: {key} is {stored!r} in the checkpoint, expected "
+                                     f"{len(value)} values")
+                values[key] = tuple(_loaded_value(f"{where}: {key}[{i}]", v, s)
+                                    for i, (v, s) in enumerate(zip(value, stored)))
             else:
-                if stored == _SCHEDULE:
-                    raise ValueError(f"{where}: {key} is a schedule in the checkpoint; build this "
-                                     "optimizer with a schedule for it too")
-                values[key] = tuple(stored) if isinstance(stored, list) else stored
+                values[key] = _loaded_value(f"{where}: {key}", value, stored)
         new_values.append(values)
-    if sd["active"] != [dict(a) for a in opt._active]:
+    if active != [dict(a) for a in opt._active]:
         raise ValueError(f"the checkpoint's non-zero structural terms {sd['active']} differ from "
                          f"this optimizer's {opt._active} (e.g. weight_decay 0 in one and not the other)")
 
@@ -402,11 +409,13 @@ def _load_base(opt: Any, sd: dict) -> None:
             raise ValueError(f"the checkpoint has no state for parameter(s) {missing[:5]}")
         if extra:
             raise ValueError(f"the checkpoint has state for unknown parameter(s) {extra[:5]}")
-        for keys, slot in slots:
-            _check_like(slot, current_slots[keys], f"state of parameter {_dot(keys)!r}")
+        # In this optimizer's order, parameters and keys alike: a compiled step pairs state
+        # leaves by position, so a checkpoint written in another order must not reorder them.
+        saved_slots = dict(slots)
+        slots = [(keys, _check_like(saved_slots[keys], slot, f"state of parameter {_dot(keys)!r}"))
+                 for keys, slot in current_slots.items()]
 
     classes = saved["step_classes"]
-    class_of = sd["step_class_of"]
     if not isinstance(classes, list) or not all(
             isinstance(c, mx.array) and c.shape == () and c.dtype == mx.int32 for c in classes):
         raise ValueError("state['step_classes'] must be a list of 0-d int32 arrays")
@@ -419,22 +428,13 @@ def _load_base(opt: Any, sd: dict) -> None:
         if slot["step"].item() != classes[cls].item():
             raise ValueError(f"the step of parameter {_dot(keys)!r} disagrees with its step class")
 
-    # A step set never spans groups (its members share scalar state, which may depend on
-    # the group's values): split any set whose members this optimizer puts in different groups.
-    split: dict[tuple, int] = {}
-    new_classes, new_class_of = [], {}
-    for keys, _ in slots:
-        path = _dot(keys)
-        key = (class_of[path], opt._group_cache.get(path))
-        if key not in split:
-            split[key] = len(new_classes)
-            new_classes.append(classes[class_of[path]])
-        new_class_of[path] = split[key]
+    new_classes, new_class_of = _loaded_step_classes(opt, [_dot(k) for k, _ in slots],
+                                                     classes, class_of)
 
     # Everything checked: swap, in place (a compiled step holding opt.state sees the new values).
-    param_state = _copy_tree(saved["param_state"])
-    for keys, slot in _slots(param_state):
-        slot["step"] = new_classes[new_class_of[_dot(keys)]]  # shared, as when saved
+    param_state: dict = {}
+    for keys, slot in slots:
+        insert_slot(param_state, keys, {**slot, "step": new_classes[new_class_of[_dot(keys)]]})
     new_state["param_state"] = param_state
     new_state["step_classes"] = new_classes
     ordered = {key: new_state[key] for key in current}  # the same key order as before
@@ -443,6 +443,52 @@ def _load_base(opt: Any, sd: dict) -> None:
     state.update(ordered)
     opt._group_values[:] = new_values
     opt._class_of = new_class_of
+
+
+def _loaded_value(where: str, ours: Any, stored: Any) -> Any:
+    """One saved hyperparameter value (or tuple element); a schedule stays this optimizer's."""
+    if is_schedule(ours):
+        if stored != _SCHEDULE:
+            raise ValueError(f"{where} is a schedule in this optimizer but {stored!r} in the "
+                             "checkpoint")
+        return ours  # schedules are code: this optimizer's own is kept
+    if stored == _SCHEDULE:
+        raise ValueError(f"{where} is a schedule in the checkpoint; build this optimizer with "
+                         "a schedule for it too")
+    return tuple(stored) if isinstance(stored, list) else stored
+
+
+def _loaded_step_classes(opt: Any, paths: list[str], classes: list, class_of: dict
+                         ) -> tuple[list, dict]:
+    """The step sets after a load, and which set each parameter is in.
+
+    A step compiled before the load baked in which set each parameter reads, and retraces
+    only when the number of sets changes. So the loaded sets are the coarsest that agree
+    with the checkpoint's, with this optimizer's and with its groups (a set never spans
+    groups: its members share scalar state): when that is this optimizer's own partition,
+    its numbering is kept; otherwise there are more sets than before, and a compiled step
+    retraces.
+    """
+    current = opt._class_of or {}
+    parts: dict[tuple, list[str]] = {}
+    for path in paths:
+        parts.setdefault((class_of[path], current.get(path), opt._group_cache.get(path)),
+                         []).append(path)
+    unchanged = (all(path in current for path in paths)
+                 and len(parts) == len(opt.state["step_classes"])
+                 and len({current[path] for path in paths}) == len(parts))
+    new_classes: list = [None] * len(parts) if unchanged else []
+    new_class_of = {}
+    for (saved_class, current_class, _), members in parts.items():
+        if unchanged:
+            index = current_class
+            new_classes[index] = classes[saved_class]
+        else:
+            index = len(new_classes)
+            new_classes.append(classes[saved_class])
+        for path in members:
+            new_class_of[path] = index
+    return new_classes, new_class_of
 
 
 # ----------------------------------------------------------------------------- LBFGS
@@ -569,10 +615,8 @@ def load_torch_state_dict(opt: Any, torch_state_dict: Any, paths: list[str], par
         given = torch_values.get(index)
         values = {}
         for name, value in current.items():
-            if is_schedule(value):
-                values[name] = dict(_SCHEDULE)  # ours is scheduled: keep the schedule
-            elif given is None:
-                values[name] = _jsonable(value)
+            if given is None or (is_schedule(value) and not opt._is_static(name, value)):
+                values[name] = _jsonable(value)  # a schedule of ours is kept
             elif _torch_name(name) not in given:
                 if not opt._is_static(name, value):  # a flag torch fixes (Muon's decay) may be absent
                     raise ValueError(f"torch's param_groups lack {_torch_name(name)!r}")
@@ -582,16 +626,28 @@ def load_torch_state_dict(opt: Any, torch_state_dict: Any, paths: list[str], par
                 if opt._is_static(name, value) and values[name] != _jsonable(value):
                     raise ValueError(f"{name} is {values[name]!r} in torch's group and {value!r} "
                                      f"in this optimizer; build it with {name}={values[name]!r}")
+                if isinstance(value, tuple) and isinstance(values[name], list):
+                    # torch's numbers, except where ours holds a schedule (betas=(f, 0.999))
+                    values[name] = [_jsonable(v) if is_schedule(v) else t
+                                    for v, t in zip(value, values[name])]
+                if (name in opt.structural_zeros and not opt._active[index][name]
+                        and _nonzero(name, values[name])):  # (a zero in an active term is fine)
+                    where = "the default group" if index == 0 else f"group {index - 1}"
+                    raise ValueError(
+                        f"{name} is {values[name]!r} in torch's group and 0 in {where} of this "
+                        f"optimizer, whose step therefore has no {name} term: build it with a "
+                        f"non-zero {name}, as torch's")
         groups.append(values)
+
+    def as_array(value: Any, stored: mx.array) -> mx.array:
+        return stored if value == _SCHEDULE else _as_array(value, opt._scalar_dtype)
 
     def hyper_array(index: int, name: str) -> Any:
         value = groups[index][name]
-        if value == _SCHEDULE:
-            source = opt.state if index == 0 else opt.state["param_groups"][index - 1]
-            return source[name]
+        source = opt.state if index == 0 else opt.state["param_groups"][index - 1]
         if isinstance(value, list):
-            return [_as_array(v, opt._scalar_dtype) for v in value]
-        return _as_array(value, opt._scalar_dtype)
+            return [as_array(v, s) for v, s in zip(value, source[name])]
+        return as_array(value, source.get(name))
 
     def hypers(index: int) -> dict:
         return {name: (value if opt._is_static(name, value) else hyper_array(index, name))
@@ -607,7 +663,7 @@ def load_torch_state_dict(opt: Any, torch_state_dict: Any, paths: list[str], par
         if saved:  # torch's SGD keeps no step
             _same_keys({"step": None, **saved}, slot, f"torch's state of parameter {i} ({path!r})")
         for key, value in saved.items():
-            array = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+            array = _numpy_from_torch(value)
             if key == "step":
                 slot["step"] = mx.array(int(array), dtype=mx.int32)
                 continue
@@ -650,38 +706,37 @@ def load_torch_state_dict(opt: Any, torch_state_dict: Any, paths: list[str], par
                           "step_class_of": class_of, "state": state})
 
 
-def to_torch_state_dict(opt: Any, paths: list[str]) -> dict:
+def to_torch_state_dict(opt: Any, paths: list[str], parameters: Any = None) -> dict:
     """``opt``'s state in ``torch.optim``'s ``state_dict`` format (torch imported here).
 
     Args:
         opt: one of ours.
         paths: our dotted parameter path for each torch parameter id (``paths[i]`` is id i).
+        parameters: our parameter tree, needed only to place a parameter this optimizer has
+            never seen (no state, never stepped) in a group chosen by a predicate.
 
     Returns a dict for ``torch_opt.load_state_dict``: per parameter its state as tensors
-    (``step`` as a float tensor, as torch keeps it) and one torch group per group of ours
-    that holds parameters (``learning_rate`` -> ``lr``; schedules give their current value).
+    (``step`` as a float tensor, as torch keeps it; a parameter never stepped has none, as
+    in torch) and one torch group per group of ours that holds parameters
+    (``learning_rate`` -> ``lr``; schedules give their current value).
 
     Example:
         >>> torch_opt.load_state_dict(to_torch_state_dict(opt, paths))
     """
-    import numpy as np
     import torch
-
 
     state, members = {}, {}
     for i, path in enumerate(paths):
         keys = tuple(int(k) if k.isdigit() else k for k in path.split("."))
+        members.setdefault(_export_group(opt, path, keys, parameters), []).append(i)
         try:
             slot = _lookup(opt.state["param_state"], keys)
-        except KeyError:
+        except (KeyError, TypeError):
             continue  # no state yet: torch starts it lazily too
-        slot_param = next((v for v in slot.values() if v.ndim), slot["step"])
-        members.setdefault(opt._group_of(path, slot_param), []).append(i)
-        state[i] = {k: torch.tensor(float(v.item())) if k == "step" else torch.from_numpy(np.array(v))
+        if not is_slot(slot) or slot["step"].item() == 0:
+            continue  # never stepped: torch has no state for it (SGD's first step copies)
+        state[i] = {k: torch.tensor(float(v.item())) if k == "step" else _torch_from_mlx(torch, v)
                     for k, v in slot.items()}
-    missing = [i for i in range(len(paths)) if i not in state]
-    if missing:
-        members.setdefault(0, []).extend(missing)
     groups = []
     for index in sorted(members):
         group = {}
@@ -694,3 +749,40 @@ def to_torch_state_dict(opt: Any, paths: list[str]) -> dict:
             group[_torch_name(name)] = value
         groups.append({**group, "params": sorted(members[index])})
     return {"state": state, "param_groups": groups}
+
+
+def _export_group(opt: Any, path: str, keys: tuple, parameters: Any) -> int:
+    """The group of ``path`` without asking a predicate about anything but the parameter."""
+    if path in opt._group_cache:
+        return opt._group_cache[path]
+    if parameters is not None:
+        try:
+            return opt._group_of(path, _lookup(parameters, keys))
+        except KeyError:
+            raise ValueError(f"paths names {path!r}, which is not in parameters") from None
+    if any(sel is not None and not isinstance(sel, _Glob) for sel in opt._group_selectors):
+        raise ValueError(f"this optimizer has never seen parameter {path!r} and selects groups "
+                         "with a predicate: pass parameters= so that it can be placed")
+    hits = [i for i, sel in enumerate(opt._group_selectors) if sel and sel(path, None)]
+    return hits[0] if hits else 0
+
+
+def _numpy_from_torch(value: Any) -> Any:
+    """A torch tensor (or number) as numpy; bfloat16, which numpy lacks, through float32."""
+    import numpy as np
+
+    if not hasattr(value, "detach"):
+        return np.asarray(value)
+    value = value.detach().cpu()
+    if not value.dtype.is_floating_point or value.dtype.itemsize >= 4 or value.dtype.is_complex:
+        return value.numpy()
+    return value.float().numpy()  # float16 too: mx casts it back to the slot's dtype
+
+
+def _torch_from_mlx(torch: Any, value: mx.array) -> Any:
+    """An MLX array as a torch tensor of the same dtype (bfloat16 through float32)."""
+    import numpy as np
+
+    if value.dtype == mx.bfloat16:
+        return torch.from_numpy(np.array(value.astype(mx.float32))).to(torch.bfloat16)
+    return torch.from_numpy(np.array(value))

@@ -906,11 +906,44 @@ class ReduceLROnPlateau:
         return {key: list(v) if isinstance(v := getattr(self, key), list) else v for key in self._STATE}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s values; all are checked before any is set."""
+        self.check_state_dict(state_dict)
         for key in self._STATE:
             if key in state_dict:
                 setattr(self, key, list(state_dict[key]) if isinstance(state_dict[key], list)
                         else state_dict[key])
         self._set_mode(self.mode, self.threshold, self.threshold_mode)
+
+    def check_state_dict(self, state_dict: Any) -> None:
+        """Raise ``ValueError`` if ``load_state_dict(state_dict)`` would fail; changes nothing
+        (an optimizer's checkpoint checks its attached schedulers before it loads anything)."""
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"a ReduceLROnPlateau state must be a dict, got {type(state_dict).__name__}")
+        values = {key: state_dict.get(key, getattr(self, key)) for key in self._STATE}
+        if values["mode"] not in ("min", "max"):
+            raise ValueError(f"mode {values['mode']!r} is unknown (mode must be 'min' or 'max')")
+        if values["threshold_mode"] not in ("rel", "abs"):
+            raise ValueError(f"threshold mode {values['threshold_mode']!r} is unknown "
+                             "(threshold_mode must be 'rel' or 'abs')")
+        for key, value in values.items():
+            if key in ("mode", "threshold_mode"):
+                continue
+            kinds = _PLATEAU_STATE_KINDS[key]
+            items = value if isinstance(value, list) and list in kinds else [value]
+            if not isinstance(value, kinds) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool)
+                    for v in items if v is not None):
+                raise ValueError(f"ReduceLROnPlateau state {key!r} is {value!r}, expected "
+                                 f"{' or '.join(k.__name__ for k in kinds)}")
+
+
+# What each saved ReduceLROnPlateau value may be (lists hold numbers).
+_PLATEAU_STATE_KINDS = {
+    "factor": (int, float), "patience": (int,), "threshold": (int, float), "cooldown": (int,),
+    "min_lrs": (list,), "default_min_lr": (int, float, type(None)), "eps": (int, float),
+    "best": (int, float), "num_bad_epochs": (int,), "cooldown_counter": (int,),
+    "last_epoch": (int,), "_last_lr": (list,),
+}
 
 
 def _rate_slots(optimizer: Any) -> list[tuple[Callable[[], float], Callable[[float], None]]]:

@@ -51,12 +51,18 @@ class RowSparseGrad:
     def dtype(self) -> mx.Dtype:
         return self.values.dtype
 
+    def check_indices(self) -> None:
+        """Raise ``ValueError`` if an index lies outside ``[0, num_rows)`` (evaluates them)."""
+        if self.indices.size:
+            low, high = mx.min(self.indices).item(), mx.max(self.indices).item()
+            if low < 0 or high >= self.num_rows:
+                raise ValueError(f"RowSparseGrad index out of range [0, {self.num_rows}): "
+                                 f"{low if low < 0 else high}")
+
     def coalesce(self) -> "RowSparseGrad":
         """Unique, sorted indices; the values of a repeated index summed (eager)."""
+        self.check_indices()
         rows, position = np.unique(np.array(self.indices), return_inverse=True)
-        if rows.size and (rows[0] < 0 or rows[-1] >= self.num_rows):
-            raise ValueError(f"RowSparseGrad index out of range [0, {self.num_rows}): "
-                             f"{rows[0] if rows[0] < 0 else rows[-1]}")
         if rows.size == self.indices.size:
             order = mx.array(np.argsort(np.array(self.indices), kind="stable"))
             return RowSparseGrad(mx.array(rows), self.values[order], self.num_rows)
