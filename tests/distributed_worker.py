@@ -20,7 +20,9 @@ import mlx.optimizers as mlx_optimizers
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 import mlx_optim
+from mlx_optim import RowSparseGrad
 from mlx_optim.distributed import DataParallel, ShardedOptimizer, clip_grad_norm, state_bytes
+from mlx_optim.grad_utils import grad_norm
 
 START = time.perf_counter()
 BATCH = 16
@@ -203,6 +205,81 @@ def ranks(out):
         resumed = train(model, resumed_opt, STEPS, rank, world, start=RESUME_AT)
         results[f"resume_equal.{name}"] = bitwise_equal(uninterrupted, resumed)
         saved.update({f"uninterrupted.{name}.{k}": v for k, v in uninterrupted.items()})
+
+    log(rank, "6. bfloat16 parameters, float32 gradients")
+    # 6. bfloat16 parameters, float32 gradients: every rank must send each parameter in one
+    # dtype. mlx.optimizers' Adam returns float32 (one step: the unsharded model turns
+    # float32, the sharded one keeps bfloat16); ours keeps bfloat16 (partition taken from
+    # the first gradients, no init: the float32 gradient tree).
+    for name, steps in (("mlx.optimizers.Adam", 1), ("Adam", 3)):
+        ends = {}
+        for wrapper in (DataParallel, ShardedOptimizer):
+            params = {"a": mx.full((4,), 1.0, dtype=mx.bfloat16), "b": mx.full((3,), 2.0, dtype=mx.bfloat16)}
+            opt = wrapper(OPTIMIZERS[name][0](), group)
+            if name != "Adam":
+                opt.init(params)
+            for step in range(steps):
+                g = {"a": mx.array([0.1, 0.2, 0.3, 0.4]) * (rank + 1 + step),
+                     "b": mx.array([-0.5, 0.5, 1.0]) * (rank + 1 - step)}
+                params = opt.apply_gradients(g, params)
+                mx.eval(params, opt.state)
+            ends[wrapper.__name__] = params
+        sharded, plain = ends["ShardedOptimizer"], ends["DataParallel"]
+        results[f"bf16_dtypes.{name}"] = sorted({str(v.dtype) for v in sharded.values()})
+        results[f"bf16_equal.{name}"] = bitwise_equal(
+            sharded, {k: v.astype(mx.bfloat16) for k, v in plain.items()})
+        saved.update({f"bf16.{name}.{k}": v for k, v in sharded.items()})
+
+    log(rank, "7. A parameter group whose parameters one rank does not own")
+    # 7. A parameter group whose parameters one rank does not own (rank 0 holds only
+    # layers.1.weight): init must not fail there, and the result equals unsharded.
+    factory = lambda: mlx_optim.SGD(learning_rate=5e-2, momentum=0.9,
+                                    groups=[{"params": "layers.2.*", "learning_rate": 1e-3}])
+    plain = train(make_model(), DataParallel(factory(), group), 3, rank, world)
+    model = make_model()
+    sharded_opt = ShardedOptimizer(factory(), group)
+    sharded_opt.init(model.trainable_parameters())
+    results["group_owned"] = sharded_opt.owned
+    results["group_equal"] = bitwise_equal(plain, train(model, sharded_opt, 3, rank, world))
+
+    log(rank, "8. Row-sparse gradients")
+    # 8. Row-sparse gradients, a different number of rows per rank (none, on some steps):
+    # both wrappers equal one process applying every rank's rows (values / 2), clipped.
+    table = mx.random.normal((10, 4), key=mx.random.key(7))
+    rows = [([1, 3, 1], [3, 7, 7, 2, 9]), ([], [2, 2]), ([], [])]  # (rank 0, rank 1) per step
+
+    def sparse_grads(step, r):
+        ids = rows[step][r]
+        values = mx.random.normal((len(ids), 4), key=mx.random.key(10 * step + r))
+        return {"emb": RowSparseGrad(mx.array(ids, mx.int32), values, 10),
+                "w": mx.random.normal((4,), key=mx.random.key(50 + 10 * step + r))}
+
+    ends, norms = {}, {}
+    for wrapper in (DataParallel, ShardedOptimizer):
+        params = {"emb": table, "w": mx.zeros(4)}
+        opt = wrapper(mlx_optim.Adagrad(learning_rate=0.5), group, max_grad_norm=1.0)
+        for step in range(len(rows)):
+            params = opt.apply_gradients(sparse_grads(step, rank), params)
+            mx.eval(params, opt.state)
+            norms.setdefault(wrapper.__name__, []).append(opt.last_grad_norm.item())
+        ends[wrapper.__name__] = params
+    params, opt, expected_norms = {"emb": table, "w": mx.zeros(4)}, mlx_optim.Adagrad(learning_rate=0.5), []
+    for step in range(len(rows)):
+        parts = [sparse_grads(step, r) for r in range(world)]
+        values = mx.concatenate([p["emb"].values for p in parts])
+        mean = {"emb": RowSparseGrad(mx.concatenate([p["emb"].indices for p in parts]),
+                                     values / world, 10),
+                "w": sum((p["w"] for p in parts[1:]), parts[0]["w"]) / world}
+        expected_norms.append(grad_norm({"emb": mean["emb"].to_dense(), "w": mean["w"]}).item())
+        params = opt.apply_gradients(clip_grad_norm(mean, 1.0)[0], params)
+        mx.eval(params, opt.state)
+    results["sparse_dp_equal"] = bitwise_equal(ends["DataParallel"], params)
+    results["sparse_sharded_equal"] = bitwise_equal(ends["ShardedOptimizer"], params)
+    results["sparse_norms"] = norms
+    results["sparse_expected_norms"] = expected_norms
+    results["sparse_rows_moved"] = [i for i in range(10) if not mx.array_equal(
+        ends["ShardedOptimizer"]["emb"][i], table[i]).item()]
+    saved.update({f"sparse.{k}": v for k, v in ends["ShardedOptimizer"].items()})
 
     log(rank, "done")
     mx.save_safetensors(os.path.join(out, f"rank{rank}.safetensors"), saved)

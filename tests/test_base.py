@@ -231,3 +231,72 @@ def test_loaded_state_is_regrouped_by_value():
         assert fresh.state["param_state"][key]["step"].item() == opt.state["param_state"][key]["step"].item()
     # a (3 steps) and b (2 steps) differ, so they no longer share a step array.
     assert fresh.state["param_state"]["a"]["step"] is not fresh.state["param_state"]["b"]["step"]
+
+
+SCALAR_SHAPES = ((), (3,), (), ())  # several 0-d parameters in one step set, and a vector
+
+
+SCALAR_RUNS = [(c, compiled) for c in CASES if c.grad_kind == "dense" and c.name != "Muon"
+               for compiled in ((False, True) if c.name in ("SGD", "Adam") else (False,))]
+
+
+@pytest.mark.parametrize("case, compiled", SCALAR_RUNS,
+                         ids=[f"{c.name}-{'compiled' if k else 'eager'}" for c, k in SCALAR_RUNS])
+def test_zero_dimensional_parameters_keep_their_own_state(case, compiled):
+    # A 0-d parameter's state is 0-d too; it must not be shared like a set's scalars
+    # (ASGD's eta), or every scalar parameter would follow the first one's moments.
+    import dataclasses
+
+    from mlx_optim.parity.harness import compare_with_torch, run_ours, run_torch
+
+    case = dataclasses.replace(case, shapes=SCALAR_SHAPES)
+    config = next(c for c in case.configs if c.desc == "default")
+    params, opt = run_ours(case, config, "float32", steps=6, compiled=compiled)
+    torch_params, torch_opt = run_torch(case, config, "float32", steps=6)
+    compare_with_torch(params, opt, torch_params, torch_opt, 1e-5)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("name, kwargs", [
+    ("SGD", {"momentum": 0.9, "dampening": 0.5}),
+    ("SGD", {"momentum": 0.9, "weight_decay": 0.1}),
+    ("RMSprop", {"momentum": 0.9, "centered": True}),
+], ids=["SGD-dampening", "SGD-weight-decay", "RMSprop-centered"])
+def test_momentum_set_to_zero_while_training_matches_torch(name, kwargs, compiled):
+    # torch skips the momentum buffer while momentum is 0: it keeps its value, and the step
+    # follows the gradient (undamped), until momentum returns.
+    from mlx_optim.parity.harness import compare_with_torch
+
+    case = next(c for c in CASES if c.name == name)
+    problem = Problem(case.shapes)
+    params = problem.mlx_params(mx.float32)
+    opt = getattr(mlx_optim, name)(learning_rate=0.01, **kwargs)
+    torch_params = problem.torch_params(torch.float32)
+    torch_opt = case.torch_cls(torch_params, lr=0.01, **kwargs)
+    step = lambda p: opt.apply_gradients(problem.mlx_grads(p), p)
+    if compiled:
+        opt.init(params)
+        step = mx.compile(step, inputs=[opt.state], outputs=[opt.state])
+    for i, momentum in enumerate([0.9, 0.9, 0.0, 0.0, 0.9, 0.9]):
+        opt.momentum = momentum
+        torch_opt.param_groups[0]["momentum"] = momentum
+        params = step(params)
+        mx.eval(params, opt.state)
+        problem.set_torch_grads(torch_params)
+        torch_opt.step()
+    compare_with_torch(params, opt, torch_params, torch_opt, 1e-5)
+
+
+def test_radam_with_zero_eps_stays_finite_before_rectification():
+    # torch reads exp_avg_sq only once rectified (step 6 with the default betas); before,
+    # a zero gradient with eps = 0 must not make the unused term 0 / 0.
+    grad = np.array([0.5, 0.0, -1.0], np.float32)
+    params = {"p": mx.array([1.0, 2.0, 3.0])}
+    torch_param = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    opt = mlx_optim.RAdam(learning_rate=0.1, eps=0.0)
+    torch_opt = torch.optim.RAdam([torch_param], lr=0.1, eps=0.0)
+    for _ in range(4):
+        params = opt.apply_gradients({"p": mx.array(grad)}, params)
+        torch_param.grad = torch.tensor(grad)
+        torch_opt.step()
+        np.testing.assert_allclose(np.array(params["p"]), torch_param.detach().numpy(), rtol=1e-6)

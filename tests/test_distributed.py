@@ -128,6 +128,32 @@ def test_two_rank_checkpoint_reloads_on_one_rank_exactly(runs, name):
     assert reload[f"reload_equal.{name}"], reload[f"reload_diff.{name}"]
 
 
+@pytest.mark.parametrize("name", ["mlx.optimizers.Adam", "Adam"])
+def test_sharded_bfloat16_parameters_with_float32_gradients(runs, name):
+    # Every rank sends each parameter in its own dtype (the zeros of the non-owner used to
+    # be bfloat16 and the owner's update float32, or the reverse: the sums mismatched).
+    results, _, _ = runs
+    for r in results:
+        assert r[f"bf16_dtypes.{name}"] == ["mlx.core.bfloat16"]
+        assert r[f"bf16_equal.{name}"]  # == unsharded (cast to bfloat16 for mlx's Adam)
+
+
+def test_sharded_group_that_one_rank_does_not_own(runs):
+    results, _, _ = runs
+    assert results[0]["group_owned"] == ["layers.1.weight"]  # none of the group's layers.2.*
+    assert all(r["group_equal"] for r in results)
+
+
+def test_row_sparse_gradients_gather_every_ranks_rows(runs):
+    results, _, _ = runs
+    for r in results:
+        assert r["sparse_dp_equal"] and r["sparse_sharded_equal"]
+        assert r["sparse_rows_moved"] == [1, 2, 3, 7, 9]  # the rows either rank named
+        for name in ("DataParallel", "ShardedOptimizer"):
+            np.testing.assert_allclose(r["sparse_norms"][name], r["sparse_expected_norms"], rtol=1e-6)
+        assert r["sparse_expected_norms"][0] > 1.0  # the clip acted
+
+
 def test_example_trains_on_two_ranks_and_saves_shards(tmp_path):
     example = Path(__file__).parents[1] / "examples" / "train_data_parallel.py"
     output = _run([LAUNCH, "--backend", "ring", "-n", "2", sys.executable,
@@ -172,6 +198,64 @@ def test_clip_grad_norm_matches_torch():
         assert abs(norm.item() - torch_norm.item()) < 1e-5
         for k, t in tensors.items():
             np.testing.assert_allclose(np.array(ours[k]), t.grad.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_clip_norm_of_float64_gradients_is_float64_as_torch():
+    a = np.random.default_rng(0).standard_normal(1000) * 3.3
+    p = torch.zeros(1000, dtype=torch.float64, requires_grad=True)
+    p.grad = torch.tensor(a)
+    torch_norm = torch.nn.utils.clip_grad_norm_([p], 1.0)
+    dp = DataParallel(mlx_optim.SGD(learning_rate=1.0), max_grad_norm=1.0)
+    with mx.stream(mx.cpu):  # float64 runs on the CPU
+        clipped = dp.average_gradients({"w": mx.array(a, dtype=mx.float64)})
+        mx.eval(clipped, dp.last_grad_norm)
+    assert dp.last_grad_norm.dtype == mx.float64  # was float32: 102.05237579 vs 102.05236340
+    assert dp.last_grad_norm.item() == pytest.approx(torch_norm.item(), rel=1e-14)
+    np.testing.assert_allclose(np.array(clipped["w"]), p.grad.numpy(), rtol=1e-14)
+
+
+def test_clip_grad_norm_counts_a_row_sparse_gradient_as_dense():
+    sparse = mlx_optim.RowSparseGrad(mx.array([2, 0, 2]), mx.array([[3.0, 0.0], [0.0, 3.0], [1.0, 0.0]]), 5)
+    clipped, norm = clip_grad_norm({"e": sparse, "b": mx.array([12.0])}, 1.0)
+    assert norm.item() == pytest.approx(13.0)  # row 2 summed: (4, 0); row 0: (0, 3); 12
+    np.testing.assert_allclose(np.array(clipped["e"].to_dense()),
+                               np.array(sparse.to_dense()) / (13.0 + 1e-6), rtol=1e-6)
+    np.testing.assert_allclose(np.array(clipped["b"]), [12.0 / (13.0 + 1e-6)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("wrapper", [DataParallel, ShardedOptimizer])
+def test_wrappers_apply_row_sparse_gradients_and_refuse_other_leaves(wrapper):
+    """World size 1: a RowSparseGrad is applied as by the plain optimizer (it used to be
+    dropped: the table never moved); a leaf of another type raises before any change."""
+    params = {"emb": mx.ones((4, 2)), "w": mx.ones((2,))}
+    grads = {"emb": mlx_optim.RowSparseGrad(mx.array([1, 3, 1]), mx.full((3, 2), 0.5), 4),
+             "w": mx.array([1.0, -2.0])}
+    expected = mlx_optim.Adagrad(learning_rate=0.5).apply_gradients(grads, params)
+    opt = wrapper(mlx_optim.Adagrad(learning_rate=0.5))
+    got = opt.apply_gradients(grads, params)
+    assert sorted(got) == ["emb", "w"]
+    assert all(mx.array_equal(got[k], expected[k]).item() for k in params)
+    assert np.array(got["emb"])[[0, 2]].tolist() == [[1.0, 1.0], [1.0, 1.0]]  # untouched rows
+    fresh = wrapper(mlx_optim.Adagrad(learning_rate=0.5))
+    with pytest.raises(TypeError, match="gradient for 'w' must be an mx.array or a RowSparseGrad"):
+        fresh.apply_gradients({"w": np.ones(2)}, params)
+    with pytest.raises(ValueError, match="index out of range"):
+        fresh.apply_gradients({"emb": mlx_optim.RowSparseGrad(mx.array([4]), mx.ones((1, 2)), 4)}, params)
+    assert fresh.optimizer.state["step"].item() == 0 and fresh.last_grad_norm is None
+
+
+def test_sharded_checks_gradients_on_every_rank_before_any_collective():
+    params = {"w": mx.ones((3, 2)), "emb": mx.ones((4, 2))}
+    opt = ShardedOptimizer(mlx_optim.Adam(learning_rate=0.1))
+    opt.init(params)
+    with pytest.raises(ValueError, match=r"gradient for 'w' has shape \(2, 3\)"):
+        opt.apply_gradients({"w": mx.ones((2, 3))}, params)
+    with pytest.raises(ValueError, match="gradient for unknown parameter 'x'"):
+        opt.apply_gradients({"x": mx.ones(1)}, params)
+    # Adam takes no row-sparse gradient: refused by every rank, not only the owner.
+    with pytest.raises(ValueError, match="Adam does not support row-sparse gradients"):
+        opt.apply_gradients({"emb": mlx_optim.RowSparseGrad(mx.array([1]), mx.ones((1, 2)), 4)}, params)
+    assert opt.optimizer.state["step"].item() == 0
 
 
 def test_bucketed_all_sum_on_one_rank_is_identity_and_subtree_keeps_list_places():

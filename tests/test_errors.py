@@ -48,6 +48,55 @@ def test_group_errors():
         opt.init({"layer": {"bias": mx.zeros(2)}})
 
 
+def test_group_selection_is_checked_against_the_parameters_before_anything_changes():
+    params = {"layer": {"weight": mx.ones((2, 2)), "bias": mx.zeros(2)}}
+    opt = mlx_optim.SGD(groups=[{"params": "*.bais", "weight_decay": 0.0}])
+    with pytest.raises(ValueError, match=r"groups \[0\] select no parameter"):
+        opt.apply_gradients({"layer": {"weight": mx.ones((2, 2))}}, params)
+    assert opt.state["param_state"] == {} and opt.state["step"].item() == 0
+    # A first step on some parameters only is fine when the group selects one of the others.
+    opt = mlx_optim.SGD(groups=[{"params": "*.bias", "weight_decay": 0.0}])
+    opt.apply_gradients({"layer": {"weight": mx.ones((2, 2))}}, params)
+    assert opt.state["param_state"]["layer"]["weight"]["step"].item() == 1
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: mlx_optim.Adam(eps=None), "eps"),
+    (lambda: mlx_optim.Adam(learning_rate=None), "learning_rate"),
+    (lambda: mlx_optim.Adam(betas=(0.9, None)), r"betas\[1\]"),
+    (lambda: mlx_optim.SGD(momentum=None), "momentum"),
+    (lambda: mlx_optim.ASGD(t0=None), "t0"),
+    (lambda: mlx_optim.Adafactor(eps=(None, None)), r"eps\[1\]"),
+    (lambda: mlx_optim.RMSprop(groups=[{"params": "*", "alpha": None}]), "alpha"),
+])
+def test_none_for_a_number_raises_at_construction(make, name):
+    # None passes for a flag unless refused, and would fail inside the first step instead.
+    with pytest.raises(TypeError, match=f"^{name} must be a number"):
+        make()
+    mlx_optim.Adafactor(eps=(None, 1e-3))  # None where the default is None stays allowed
+
+
+def test_schedules_cannot_be_swapped_after_the_first_step():
+    # A compiled step traced the schedules it met: a later swap would silently not happen.
+    decay = mlx_optim.StepLR(0.1, step_size=2)
+    opt = mlx_optim.Adam(learning_rate=0.1, betas=(0.9, 0.999))
+    opt.learning_rate = decay  # before the first step: fine
+    params = {"w": mx.ones(2)}
+    step = mx.compile(lambda p: opt.apply_gradients({"w": mx.ones(2)}, p),
+                      inputs=[opt.state], outputs=[opt.state])
+    params = step(params)
+    for swap in (lambda: setattr(opt, "learning_rate", 0.05),
+                 lambda: setattr(opt, "learning_rate", mlx_optim.StepLR(0.2, step_size=2)),
+                 lambda: setattr(opt, "betas", (decay, 0.999))):
+        with pytest.raises(ValueError, match="a schedule is traced into a compiled step"):
+            swap()
+    assert opt._group_values[0]["learning_rate"] is decay and opt.betas[0].item() == 0.9
+    opt.betas = (0.8, 0.99)  # numbers stay changeable
+    params = step(params)
+    assert opt.betas[0].item() == pytest.approx(0.8)
+    assert opt.learning_rate.item() == pytest.approx(0.1)  # decay(1)
+
+
 def test_structural_zero_cannot_be_turned_on_later():
     opt = mlx_optim.SGD(learning_rate=0.1)
     with pytest.raises(ValueError, match="momentum was 0 when this optimizer was built"):

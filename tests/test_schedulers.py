@@ -108,6 +108,11 @@ def test_large_steps_stay_accurate_in_float32():
         0.05 * (1 + math.cos(math.pi * 3 / 4)), rel=1e-5)
     assert S.ExponentialLR(0.1, gamma=0.9999)(100_000).item() == pytest.approx(
         0.1 * 0.9999**100_000, rel=1e-5)
+    # k % 4000 == 1: a 2000th of the way up (k / 4000 in float32 was 2.5e-3 off)
+    cyclic = S.CyclicLR(base_lr=0.001, max_lr=0.006, step_size_up=2000)
+    for k in (20_000_001, 2**40 + 1 - 2**40 % 4000):
+        assert cyclic(k).item() == pytest.approx(0.001 + 0.005 / 2000, rel=1e-6)
+        assert cyclic.momentum(k).item() == pytest.approx(0.9 - 0.1 / 2000, rel=1e-6)
 
 
 # ----------------------------------------------------------------- in an optimizer
@@ -291,7 +296,14 @@ ERRORS = [
     (lambda: S.CyclicLR(0.01, 0.1, mode="sine"), _torch("CyclicLR", base_lr=0.01, max_lr=0.1, mode="sine"),
      "mode is invalid and scale_fn is None", "mode"),
     (lambda: S.CyclicLR(0.01, 0.1, step_size_up=0), None,
-     "Expected positive integer step_size_up", "step_size_up"),
+     "Expected positive step_size_up", "step_size_up"),
+    (lambda: S.CyclicLR(0.01, 0.1, step_size_down=-1.0), None,
+     "Expected step_size_down >= 0", "step_size_down"),
+    (lambda: S.StepLR(0.1, step_size=2.5), None, "Expected positive integer step_size", "(float)"),
+    (lambda: S.MultiStepLR(0.1, milestones=[30, 60.5]), None, "Expected integer >= 0 milestones",
+     "60.5"),
+    (lambda: S.OneCycleLR(0.1, total_steps=10, pct_start=0.1), None,
+     "pct_start * total_steps must not be 1", "total_steps=10"),
     (lambda: S.CyclicLR(0.01, 0.1, scale_fn=lambda x: 1.0, scale_mode="epoch"), None,
      "scale_mode must be one of", "scale_mode"),
     (lambda: S.SequentialLR([], milestones=[]), None, "SequentialLR expects at least one scheduler",
@@ -374,3 +386,132 @@ def test_our_sgd_cycles_rate_and_momentum_like_torch_in_a_compiled_step():
     assert len(traces) == 1
     np.testing.assert_allclose(np.array(model.weight), theirs.weight.detach().numpy(), rtol=1e-5)
     assert opt.param_groups[0]["momentum"].item() == pytest.approx(schedule.momentum(9).item())
+
+
+# ------------------------------------------------------------ arguments torch accepts
+
+def torch_rates(make, steps, lr=LR):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9)
+    scheduler = make(opt)
+    rates = [float(opt.param_groups[0]["lr"])]
+    for _ in range(steps):
+        opt.step()
+        scheduler.step()
+        rates.append(float(opt.param_groups[0]["lr"]))
+    return np.array(rates)
+
+
+# (name, arguments as torch takes them: numpy integers, whole floats, fractional step sizes)
+TORCH_ACCEPTS = [
+    ("StepLR", dict(step_size=np.int64(30))),
+    ("StepLR", dict(step_size=30.0)),
+    ("MultiStepLR", dict(milestones=np.array([30, 60]))),
+    ("MultiStepLR", dict(milestones=[30.0, 60.0])),
+    ("ConstantLR", dict(factor=0.5, total_iters=np.int32(40))),
+    ("LinearLR", dict(start_factor=0.1, total_iters=10.0)),
+    ("PolynomialLR", dict(total_iters=np.uint16(50), power=2.0)),
+    ("CosineAnnealingLR", dict(T_max=np.int64(100))),
+    ("CosineAnnealingLR", dict(T_max=100.0, eta_min=np.float64(1e-3))),
+    ("CyclicLR", dict(base_lr=0.001, max_lr=0.006, step_size_up=20.0, step_size_down=np.int64(50))),
+    ("CyclicLR", dict(base_lr=0.001, max_lr=0.006, step_size_up=2.5, step_size_down=4.5,
+                      mode="triangular2")),
+    ("SequentialLR", None),
+]
+
+
+@pytest.mark.parametrize("name, kwargs", TORCH_ACCEPTS, ids=[f"{n}-{k}" for n, k in TORCH_ACCEPTS])
+def test_numpy_and_whole_float_arguments_schedule_as_in_torch(name, kwargs):
+    if name == "SequentialLR":
+        ours_schedule = S.SequentialLR([S.ConstantLR(LR, factor=0.5), S.ExponentialLR(LR, 0.9)],
+                                       milestones=np.array([10.0]))
+        expected = torch_rates(lambda opt: torch_sched.SequentialLR(
+            opt, [torch_sched.ConstantLR(opt, factor=0.5), torch_sched.ExponentialLR(opt, 0.9)],
+            milestones=np.array([10.0])), 200)
+    else:
+        ours_schedule = getattr(S, name)(**kwargs) if name == "CyclicLR" else getattr(S, name)(LR, **kwargs)
+        expected = torch_rates(lambda opt: getattr(torch_sched, name)(opt, **kwargs), 200)
+    np.testing.assert_allclose(ours(ours_schedule, 0, 200), expected, rtol=RTOL, atol=0)
+
+
+def test_numpy_float32_arguments_are_accepted():
+    # torch's rates become numpy float32 through NumPy's promotion; ours take the exact
+    # float32 value in float64: equal to float32 rounding.
+    for name, kwargs in [("ExponentialLR", dict(gamma=np.float32(0.9))),
+                         ("LinearLR", dict(start_factor=np.float32(0.5))),
+                         ("StepLR", dict(step_size=3, gamma=np.float32(0.5)))]:
+        expected = torch_rates(lambda opt: getattr(torch_sched, name)(opt, **kwargs), 20)
+        np.testing.assert_allclose(ours(getattr(S, name)(LR, **kwargs), 0, 20), expected,
+                                   rtol=1e-6, err_msg=name)
+
+
+def test_arguments_of_the_wrong_type_raise_type_error_naming_them():
+    with pytest.raises(TypeError, match=r"^gamma must be a number, got '0\.9' \(str\)"):
+        S.ExponentialLR(0.1, gamma="0.9")
+    with pytest.raises(TypeError, match=r"^Expected positive integer T_max, but got None \(NoneType\)"):
+        S.CosineAnnealingLR(0.1, T_max=None)
+    with pytest.raises(TypeError, match=r"^Expected positive integer step_size, but got True \(bool\)"):
+        S.StepLR(0.1, step_size=True)
+    with pytest.raises(ValueError, match=r"^Expected positive step_size_up, but got inf"):
+        S.CyclicLR(0.01, 0.1, step_size_up=math.inf)
+
+
+# ------------------------------------------------------------------------- OneCycleLR
+
+@pytest.mark.parametrize("total_steps, pct_start, three_phase",
+                         [(10, 0.1, False), (100, 0.01, False), (100, 0.01, True)])
+def test_onecycle_first_phase_of_zero_length_raises_where_torch_divides_by_zero(
+        total_steps, pct_start, three_phase):
+    kwargs = dict(max_lr=0.1, total_steps=total_steps, pct_start=pct_start, three_phase=three_phase)
+    with pytest.raises(ZeroDivisionError):
+        torch_rates(lambda opt: torch_sched.OneCycleLR(opt, **kwargs), 0)
+    with pytest.raises(ValueError, match=r"pct_start=0\.[01]+, total_steps=(10|100)\).*ZeroDivisionError"):
+        S.OneCycleLR(**kwargs)
+
+
+def test_onecycle_last_phase_of_zero_length_holds_the_last_value_torch_computes():
+    # pct_start=1.0: torch divides by zero when stepped to total_steps, not before
+    with pytest.raises(ZeroDivisionError):
+        torch_rates(lambda opt: torch_sched.OneCycleLR(opt, max_lr=0.1, total_steps=10,
+                                                      pct_start=1.0), 10)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR, momentum=0.9)
+    torch_schedule = torch_sched.OneCycleLR(opt, max_lr=0.1, total_steps=10, pct_start=1.0)
+    lrs, momenta = [opt.param_groups[0]["lr"]], [opt.param_groups[0]["momentum"]]
+    for _ in range(9):
+        opt.step()
+        torch_schedule.step()
+        lrs.append(opt.param_groups[0]["lr"])
+        momenta.append(opt.param_groups[0]["momentum"])
+    schedule = S.OneCycleLR(max_lr=0.1, total_steps=10, pct_start=1.0)
+    np.testing.assert_allclose(ours(schedule, 0, 9), lrs, rtol=RTOL, atol=0)
+    np.testing.assert_allclose(ours(schedule.momentum, 0, 9), momenta, rtol=RTOL, atol=0)
+    assert lrs[-1] == pytest.approx(0.1)   # the peak, at the last step
+    np.testing.assert_array_equal(ours(schedule, 9, 12), [lrs[-1]] * 4)
+    np.testing.assert_array_equal(ours(schedule.momentum, 9, 12), [momenta[-1]] * 4)
+
+
+# ------------------------------------------------------- continuing in SequentialLR
+
+def test_swalr_docstring_example_equals_torch():
+    # the example's learning_rate is the rate torch's SWALR starts from at the milestone
+    example = "\n".join(line.strip()[4:] for line in swa.SWALR.__doc__.splitlines()
+                         if line.strip().startswith((">>> ", "... ")))
+    namespace = {"mx": mx, **vars(S), "SWALR": swa.SWALR}
+    exec(example, namespace)
+    expected = torch_rates(lambda opt: torch_sched.SequentialLR(
+        opt, [torch_sched.CosineAnnealingLR(opt, T_max=75), torch_swa.SWALR(opt, swa_lr=0.05)],
+        milestones=[75]), 100)
+    np.testing.assert_allclose(ours(namespace["schedule"], 0, 100), expected, rtol=RTOL, atol=0)
+    assert expected[75] == expected[74] != LR   # from the cosine's last rate, not LR
+
+
+def test_multiplicative_after_a_milestone_continues_as_documented():
+    # SequentialLR's docstring: pass the previous rate times lr_lambda(0)
+    lam = lambda k: 0.9 if k % 2 else 0.8   # noqa: E731
+    expected = torch_rates(lambda opt: torch_sched.SequentialLR(
+        opt, [torch_sched.StepLR(opt, step_size=3, gamma=0.5),
+              torch_sched.MultiplicativeLR(opt, lam)], milestones=[10]), 30)
+    step = S.StepLR(LR, step_size=3, gamma=0.5)
+    previous = step(9, dtype=mx.float64).item()
+    schedule = S.SequentialLR([step, S.MultiplicativeLR(previous * lam(0), lam, total_steps=30)],
+                              milestones=[10])
+    np.testing.assert_allclose(ours(schedule, 0, 30), expected, rtol=RTOL, atol=0)

@@ -137,3 +137,49 @@ def test_embedding_training_moves_only_looked_up_rows():
     assert np.flatnonzero(np.any(after != before, axis=1)).tolist() == [3, 4, 8]
     assert losses[-1] < 0.2 * losses[0]
 
+
+
+class Positions(nn.Module):  # token and position embeddings; positions have the ids' shape
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.out = nn.Embedding(20, 4), nn.Embedding(8, 4), nn.Linear(4, 1)
+
+    def __call__(self, ids):
+        pos = mx.broadcast_to(mx.arange(ids.shape[1]), ids.shape)
+        return self.out(self.tok(ids) + self.pos(pos)).squeeze(-1).mean(-1)
+
+
+class Tied(nn.Module):  # the embedding is also the output layer
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(20, 4)
+
+    def __call__(self, ids):
+        return self.tok.as_linear(self.tok(ids)).mean((-1, -2))
+
+
+@pytest.mark.parametrize("cls, name, message", [
+    (Positions, "pos", "looked up an array other than the ids"),
+    (Tied, "tok", r"used as a linear layer \(as_linear"),
+])
+def test_embedding_helper_refuses_other_lookups_and_tied_use_unless_dense(cls, name, message):
+    """Such an embedding used to get a silently wrong gradient: the rows of ``ids`` (the
+    position table) or only the lookup's part of a tied weight's gradient."""
+    mx.random.seed(0)
+    model = cls()
+    ids, y = mx.array([[3, 5, 7], [7, 1, 2]]), mx.array([0.5, -1.0])
+    loss_fn = lambda ids, y: nn.losses.mse_loss(model(ids), y)
+    with pytest.raises(ValueError, match=message + f".*dense=\\['{name}'\\]"):
+        mlx_optim.embedding_value_and_grad(model, loss_fn)(ids, y)
+    assert type(model.tok) is nn.Embedding and "_row_ids" not in model.tok.__dict__  # restored
+    loss, grads = mlx_optim.embedding_value_and_grad(model, loss_fn, dense=[name])(ids, y)
+    dense_loss, dense = nn.value_and_grad(model, lambda m: loss_fn(ids, y))(model)
+    assert loss.item() == pytest.approx(dense_loss.item(), rel=1e-6)
+    assert isinstance(grads[name]["weight"], mx.array)  # the dense one, whole
+    np.testing.assert_allclose(np.array(grads[name]["weight"]), np.array(dense[name]["weight"]), atol=1e-7)
+    if cls is Positions:  # the token table stays row-sparse, and right
+        assert isinstance(grads["tok"]["weight"], RowSparseGrad)
+        np.testing.assert_allclose(np.array(grads["tok"]["weight"].to_dense()),
+                                   np.array(dense["tok"]["weight"]), atol=1e-7)
+    with pytest.raises(ValueError, match="'nope', which is not an nn.Embedding"):
+        mlx_optim.embedding_value_and_grad(model, loss_fn, dense=["nope"])

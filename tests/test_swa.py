@@ -88,6 +88,34 @@ def test_averaged_model_equals_torch(name, ours, theirs, use_buffers, dtype):
                            np.array(last[first_key]))
 
 
+@pytest.mark.parametrize("name, ours, theirs", AVERAGES[:4:3], ids=[a[0] for a in AVERAGES[:4:3]])
+def test_unfreezing_after_construction_averages_as_torch(name, ours, theirs):
+    # A backbone frozen during warm-up, then trained: torch averages it throughout (it is
+    # constant while frozen, so its average is the copy ours keeps), then averages it on.
+    rng = np.random.default_rng(3)
+    mine, their_model = mlx_model(mx.float32), torch_model(torch.float32)
+    mine.layers[0].freeze()
+    for p in their_model[0].parameters():
+        p.requires_grad_(False)
+    averaged = swa.AveragedModel(mine, **ours)
+    torch_averaged = torch_swa.AveragedModel(their_model, **theirs)
+    backbone = {k: v for k, v in random_arrays(mine, rng, "float32").items() if k.startswith("layers.0")}
+    for update in range(UPDATES):
+        if update == 2:
+            mine.layers[0].unfreeze()
+            for p in their_model[0].parameters():
+                p.requires_grad_(True)
+        values = random_arrays(mine, rng, "float32")
+        if update < 2:
+            values.update(backbone)   # frozen: unchanged
+        set_both(mine, their_model, values)
+        averaged.update_parameters(mine)
+        torch_averaged.update_parameters(their_model)
+        assert_same(averaged, torch_averaged, 1e-6)
+    last = np.array(mine.layers[0].weight)
+    assert not np.allclose(np.array(averaged.module.layers[0].weight), last)
+
+
 def test_update_parameters_compiles_once_and_equals_eager():
     rng = np.random.default_rng(1)
     model, reference_model = mlx_model(mx.float32), mlx_model(mx.float32)

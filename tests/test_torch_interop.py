@@ -95,3 +95,82 @@ def test_torch_file_with_groups(tmp_path):
         load_torch_state_dict(amsgrad, tmp_path / "opt.pt", paths, params)
     with pytest.raises(ValueError, match="numbers 3 parameters, paths names 2"):
         load_torch_state_dict(opt, tmp_path / "opt.pt", paths[:2], params)
+
+
+def test_a_torch_term_this_optimizer_lacks_raises_and_changes_nothing():
+    # Built with weight_decay=0 (or momentum=0), the step has no such term: torch's
+    # non-zero value would load and then never be applied.
+    w = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    params = {"w": mx.array([1.0, -2.0, 3.0])}
+    for ours, theirs, name in ((mlx_optim.Adam(), torch.optim.Adam([w], weight_decay=0.1), "weight_decay"),
+                               (mlx_optim.SGD(), torch.optim.SGD([w], momentum=0.9), "momentum")):
+        ours.init(params)
+        with pytest.raises(ValueError, match=f"{name} is 0.1 in torch's group and 0|"
+                                             f"{name} is 0.9 in torch's group and 0"):
+            load_torch_state_dict(ours, theirs.state_dict(), ["w"], params)
+        assert getattr(ours, name).item() == 0.0 and ours.state["step"].item() == 0
+
+
+def test_export_leaves_out_parameters_never_stepped():
+    # torch has no state for a parameter it never stepped; SGD's first step then copies the
+    # gradient into the buffer (undamped), which a zero buffer from us would not.
+    kwargs = dict(momentum=0.9, dampening=0.5)
+    params = {"a": mx.array([1.0, -2.0, 3.0]), "b": mx.array([0.5, 0.25, -1.0])}
+    opt = mlx_optim.SGD(learning_rate=0.1, **kwargs)
+    opt.init(params)
+    params = {**params, **opt.apply_gradients({"a": mx.ones(3)}, params)}
+    exported = to_torch_state_dict(opt, ["a", "b"])
+    assert set(exported["state"]) == {0}
+    torch_params = [torch.tensor(np.array(params[k]), requires_grad=True) for k in ("a", "b")]
+    torch_opt = torch.optim.SGD(torch_params, lr=0.1, **kwargs)
+    torch_opt.load_state_dict(exported)
+    for _ in range(2):
+        grads = {"a": mx.array([0.3, -0.2, 0.1]), "b": mx.array([1.0, 2.0, -3.0])}
+        params = {**params, **opt.apply_gradients(grads, params)}
+        for p, k in zip(torch_params, ("a", "b")):
+            p.grad = torch.tensor(np.array(grads[k]))
+        torch_opt.step()
+    for p, k in zip(torch_params, ("a", "b")):
+        np.testing.assert_allclose(np.array(params[k]), p.detach().numpy(), rtol=1e-6)
+
+
+def test_export_puts_every_parameter_in_its_own_group(tmp_path):
+    params = {"a": mx.ones(3), "b": mx.full((3,), 0.5), "c": mx.full((3,), 2.0)}
+    opt = mlx_optim.Adam(learning_rate=0.01, groups=[{"params": ["b", "c"], "learning_rate": 0.5}])
+    opt.apply_gradients({"a": mx.ones(3), "c": mx.ones(3)}, params)  # b: no state yet
+    exported = to_torch_state_dict(opt, ["a", "b", "c"])
+    assert [(g["lr"], g["params"]) for g in exported["param_groups"]] == [(0.01, [0]), (0.5, [1, 2])]
+    torch_params = [torch.ones(3, requires_grad=True) for _ in range(3)]
+    torch.optim.Adam([{"params": torch_params[:1]}, {"params": torch_params[1:], "lr": 0.5}],
+                     lr=0.01).load_state_dict(exported)
+
+    # A predicate is asked about parameters only: a restored optimizer that has not seen
+    # them needs the parameters to place them, and its own groups stay right after export.
+    make = lambda: mlx_optim.SGD(learning_rate=0.1, groups=[
+        {"params": lambda path, array: array.ndim == 1, "learning_rate": 1.0}])
+    params = {"w": mx.ones((2, 2)), "bias": mx.ones((2,))}
+    grads = {"w": mx.ones((2, 2)), "bias": mx.ones((2,))}
+    source = make()
+    source.apply_gradients(grads, params)
+    source.save(tmp_path / "sgd")
+    restored = make()
+    restored.load(tmp_path / "sgd")
+    with pytest.raises(ValueError, match="pass parameters="):
+        to_torch_state_dict(restored, ["w", "bias"])
+    exported = to_torch_state_dict(restored, ["w", "bias"], params)
+    assert [(g["lr"], g["params"]) for g in exported["param_groups"]] == [(0.1, [0]), (1.0, [1])]
+    np.testing.assert_allclose(np.array(restored.apply_gradients(grads, params)["bias"]), [0.0, 0.0])
+
+
+def test_bfloat16_state_round_trips_through_torch():
+    w = torch.tensor([1.0, -2.0, 3.0], dtype=torch.bfloat16, requires_grad=True)
+    torch_opt = torch.optim.Adam([w], lr=0.01)
+    for _ in range(2):
+        (w.float() ** 2).sum().backward()
+        torch_opt.step()
+    params = {"w": mx.array(w.detach().float().numpy()).astype(mx.bfloat16)}
+    opt = mlx_optim.Adam(learning_rate=0.01)
+    load_torch_state_dict(opt, torch_opt.state_dict(), ["w"], params)
+    back = to_torch_state_dict(opt, ["w"])["state"][0]
+    for key, value in torch_opt.state[w].items():
+        assert back[key].dtype == value.dtype and torch.equal(back[key], value), key

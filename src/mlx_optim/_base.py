@@ -22,13 +22,18 @@ parameter missing from a gradient tree does not advance), but parameters that ha
 always been stepped together hold one array, so scalar work that depends on the step
 (bias corrections...) is traced once per set instead of once per parameter (measured:
 a third of an Adam step over 66 tensors). A set splits, Python-side, when a gradient tree
-holds only some of it; the split appends to ``step_classes``, which changes the state's
-structure, so a step compiled before the split retraces instead of running stale.
+holds only some of it, or when its members fall in different groups (a loaded set may
+span groups selected anew); the split appends to ``step_classes``, which changes the
+state's structure, so a step compiled before the split retraces instead of running stale.
+A 0-d entry of a tensor's state (ASGD's ``eta``) is equal across a set and read once per
+set; a 0-d parameter's state is its own.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
+import inspect
 from collections.abc import MutableMapping
 from typing import Any, Callable, Iterator, Sequence
 
@@ -117,8 +122,9 @@ def _as_array(value: Any, dtype: mx.Dtype) -> mx.array:
 class ParamGroup(MutableMapping):
     """A live, torch-like view of one parameter group's hyperparameters.
 
-    ``opt.param_groups[i]["learning_rate"]`` reads the current value;
-    assigning a number (or a schedule) changes it, also inside a compiled step.
+    ``opt.param_groups[i]["learning_rate"]`` reads the current value; assigning a number
+    changes it, also inside a compiled step. A schedule is part of the traced step: it can
+    be assigned (or replaced by a number) only before the first step.
     """
 
     def __init__(self, optimizer: "Optimizer", index: int):
@@ -237,6 +243,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
 
     # ----------------------------------------------------------------- hyperparameters
     def _add_group(self, values: dict[str, Any]) -> None:
+        self._check_not_none(values)
         check(self.rules, values)
         self._validate_group(values)
         values = dict(values)
@@ -251,6 +258,22 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
 
     def _validate_group(self, values: dict[str, Any]) -> None:
         """Checks that involve several arguments (e.g. SGD's nesterov); override."""
+
+    def _check_not_none(self, values: dict[str, Any]) -> None:
+        """``None`` where the signature's default is a number: torch's ``TypeError``, named
+        (``None`` would otherwise pass for a flag and fail inside the first step)."""
+        defaults = _signature_defaults(type(self))
+        for name, value in values.items():
+            default = defaults.get(name)
+            if isinstance(default, tuple):  # Adafactor's eps=(None, 1e-3): element-wise
+                pairs = [(f"{name}[{i}]", v, d) for i, (v, d) in enumerate(zip(value, default))
+                         ] if isinstance(value, (tuple, list)) else []
+            else:
+                pairs = [(name, value, default)]
+            for where, v, d in pairs:
+                if v is None and not _is_static(d):
+                    raise TypeError(f"{where} must be a number, an mx.array scalar or a "
+                                    "schedule, got None")
 
     def _check_constants(self, constants: Sequence[str], groups: Sequence[dict] | None
                          ) -> frozenset[str]:
@@ -310,6 +333,12 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         old = values[name]
         if _is_static(old) != _is_static(value):
             raise TypeError(f"{name} must stay a {'flag' if _is_static(old) else 'number or schedule'}")
+        if _swaps_schedule(old, value) and self._state["step"].item() > 0:
+            raise ValueError(
+                f"{name}: a schedule is traced into a compiled step, so none can be set, replaced "
+                "or removed after the first step (a step compiled earlier would keep the old "
+                "one); build the optimizer with the schedule (SequentialLR switches schedules "
+                "at a milestone)")
         if name in self.structural_zeros and not self._active[index][name] and _nonzero(name, value):
             raise ValueError(
                 f"{name} was 0 when this optimizer was built, so its step has no {name} "
@@ -602,9 +631,12 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
                 g = g + cast(wd, p, shared=True) * p
         # bf16/fp16 state is updated in float32 too; float32/float64 state as it is.
         old_scalars, new_scalars = shared.setdefault("old", {}), shared.setdefault("new", {})
+        # A 0-d entry of a tensor's state is per set (ASGD's eta, NAdam's mu_product); a 0-d
+        # parameter's state is 0-d throughout and its own.
+        share = param.ndim > 0
         state = {}
         for key, value in slot.items():
-            if value.ndim == 0 and key != "step":
+            if share and value.ndim == 0 and key != "step":
                 value = old_scalars.setdefault(key, value)  # one input per set: traced once
             floating = mx.issubdtype(value.dtype, mx.floating)
             state[key] = _cast(value, _compute_dtype(value.dtype)) if floating else value
@@ -617,7 +649,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         for key, value in new_state.items():
             if key == "step":
                 continue
-            if value.ndim == 0 and slot[key].ndim == 0:
+            if share and value.ndim == 0 and slot[key].ndim == 0:
                 value = new_scalars.setdefault(key, value)
             slot[key] = _cast(value, slot[key].dtype)
         return _cast(new_p, param.dtype)
@@ -743,6 +775,19 @@ def map_slots(fn: Callable[[dict], Any], tree: Any) -> Any:
     if isinstance(tree, list):
         return [map_slots(fn, v) if v else {} for v in tree]
     return tree
+
+
+def _swaps_schedule(old: Any, new: Any) -> bool:
+    """Whether assigning ``new`` over ``old`` adds, replaces or removes a schedule."""
+    pairs = zip(old, new) if isinstance(old, tuple) and isinstance(new, (tuple, list)) else [(old, new)]
+    return any((is_schedule(o) or is_schedule(n)) and o is not n for o, n in pairs)
+
+
+@functools.cache
+def _signature_defaults(cls: type) -> dict[str, Any]:
+    """The default value of each keyword of ``cls.__init__``."""
+    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
 
 
 def _nonzero(name: str, value: Any) -> bool:

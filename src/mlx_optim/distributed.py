@@ -38,9 +38,12 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.optimizers as mlx_optimizers
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ._base import Optimizer, _slots, insert_slot
+from .grad_utils import grad_norm
+from .sparse import RowSparseGrad
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb
 SHARD_FORMAT = "mlx_optim.sharded_checkpoint"
@@ -49,8 +52,62 @@ SHARD_VERSION = 1
 
 # ------------------------------------------------------------------------ helpers
 def _flat(tree: Any) -> dict[str, mx.array]:
-    """``{dotted path: array}`` of a parameter or gradient tree, in tree order."""
+    """``{dotted path: array}`` of a parameter tree, in tree order."""
     return {path: x for path, x in tree_flatten(tree) if isinstance(x, mx.array)}
+
+
+def _grad_leaves(gradients: Any) -> dict[str, mx.array | RowSparseGrad]:
+    """``{dotted path: gradient}`` of a gradient tree, in tree order; anything but an array
+    or a :class:`RowSparseGrad` raises (it would otherwise be dropped: never applied)."""
+    flat = dict(tree_flatten(gradients))
+    for path, g in flat.items():
+        if not isinstance(g, (mx.array, RowSparseGrad)):
+            raise TypeError(f"gradient for {path!r} must be an mx.array or a RowSparseGrad, "
+                            f"got {type(g).__name__}")
+    return flat
+
+
+def _arrays_of(grads: dict[str, Any]) -> list[mx.array]:
+    """The arrays of ``grads``: a RowSparseGrad's indices and values."""
+    return [a for g in grads.values()
+            for a in ((g.indices, g.values) if isinstance(g, RowSparseGrad) else (g,))]
+
+
+def _gather_rows(grads: dict[str, RowSparseGrad], group: mx.distributed.Group,
+                after: list[mx.array] | None = None) -> dict[str, RowSparseGrad]:
+    """Every rank's rows of each row-sparse gradient, concatenated in rank order, so all
+    ranks hold the same rows (their sum is that of the ranks' dense gradients).
+
+    Eager: the ranks' row counts may differ, so they are exchanged (and evaluated) first;
+    each rank's rows are padded to the largest count for ``all_gather``, the padding
+    dropped after. The collectives are chained after ``after`` as in :func:`bucketed_all_sum`.
+    """
+    if group.size() == 1 or not grads:
+        return dict(grads)
+    n, rank = group.size(), group.rank()
+    counts = np.zeros((len(grads), n), np.int32)
+    counts[:, rank] = [g.indices.size for g in grads.values()]
+    summed = mx.array(counts)
+    if after:
+        summed = mx.depends([summed], list(after))[0]
+    summed = mx.distributed.all_sum(summed, group=group)
+    counts, previous = np.array(summed), [summed]  # evaluates every collective so far
+    out = {}
+    for (path, g), count in zip(grads.items(), counts):
+        most = int(count.max())
+        if most == 0:  # no rank has rows: nothing to gather
+            out[path] = RowSparseGrad(mx.zeros((0,), mx.int64), g.values, g.num_rows)
+            continue
+        pad = most - g.indices.size
+        # int64 indices on every rank, whatever each rank's ids' dtype: equal messages.
+        indices = mx.pad(g.indices.astype(mx.int64), [(0, pad)])
+        values = mx.pad(g.values, [(0, pad)] + [(0, 0)] * (g.values.ndim - 1))
+        indices = mx.distributed.all_gather(mx.depends([indices], previous)[0], group=group)
+        values = mx.distributed.all_gather(mx.depends([values], [indices])[0], group=group)
+        previous = [values]
+        keep = mx.array(np.concatenate([r * most + np.arange(c) for r, c in enumerate(count)]))
+        out[path] = RowSparseGrad(indices[keep], values[keep], g.num_rows)
+    return out
 
 
 def _subtree(tree: Any, keep: set[str], prefix: str = "") -> Any:
@@ -126,16 +183,21 @@ def bucketed_all_sum(arrays: list[mx.array], group: mx.distributed.Group,
     return out
 
 
-def clip_grad_norm(grads: dict[str, mx.array], max_norm: float) -> tuple[dict[str, mx.array], mx.array]:
+def clip_grad_norm(grads: dict[str, Any], max_norm: float) -> tuple[dict[str, Any], mx.array]:
     """Scale ``grads`` so their global L2 norm is at most ``max_norm``, as torch's
     ``clip_grad_norm_``: ``coef = min(1, max_norm / (norm + 1e-6))``, always applied.
+    The norm is :func:`mlx_optim.grad_utils.grad_norm`'s (float64 if any gradient is,
+    else float32); a :class:`RowSparseGrad` counts as its dense gradient (repeated rows
+    summed, which evaluates its indices: eager only).
 
     Returns the clipped gradients and the norm before clipping.
     """
-    norms = [mx.sqrt(mx.sum(mx.square(g.astype(mx.float32)))) for g in grads.values()]
-    total = mx.sqrt(mx.sum(mx.square(mx.stack(norms)))) if norms else mx.array(0.0)
+    dense = {k: g.coalesce().values if isinstance(g, RowSparseGrad) else g for k, g in grads.items()}
+    total = grad_norm(list(dense.values()))
     coef = mx.minimum(max_norm / (total + 1e-6), 1.0)
-    return {k: g * coef.astype(g.dtype) for k, g in grads.items()}, total
+    return {k: RowSparseGrad(g.indices, g.values * coef.astype(g.dtype), g.num_rows)
+            if isinstance(g, RowSparseGrad) else g * coef.astype(g.dtype)
+            for k, g in grads.items()}, total
 
 
 def partition_parameters(sizes: dict[str, int], world_size: int) -> dict[str, int]:
@@ -185,6 +247,11 @@ class DataParallel:
     their global norm, and steps the optimizer. Ranks that start from equal parameters
     stay equal. ``state`` is the optimizer's, so the ``mx.compile(step, inputs=state,
     outputs=state)`` idiom works (``all_sum`` compiles); call ``init`` before compiling.
+
+    A :class:`~mlx_optim.RowSparseGrad` (from :func:`~mlx_optim.embedding_value_and_grad`)
+    is averaged by gathering every rank's rows (values divided by the number of ranks), so
+    every rank applies the same rows; this step is eager (the row counts are exchanged
+    first), as the optimizers' row-sparse step is.
 
     Args:
         optimizer: one of ours or an ``mlx.optimizers`` optimizer.
@@ -243,11 +310,26 @@ class DataParallel:
         """The mean of ``gradients`` across ranks (then clipped, if ``max_grad_norm``)."""
         return tree_unflatten(list(self._average(gradients).items()))
 
-    def _average(self, gradients: Any) -> dict[str, mx.array]:
-        flat = _flat(gradients)
-        summed = bucketed_all_sum(list(flat.values()), self.group, self.bucket_bytes)
+    def _average(self, gradients: Any) -> dict[str, Any]:
+        flat = _grad_leaves(gradients)
+        dense = {k: g for k, g in flat.items() if isinstance(g, mx.array)}
+        summed = dict(zip(dense, bucketed_all_sum(list(dense.values()), self.group,
+                                                  self.bucket_bytes)))
+        # Row-sparse gradients: every rank's rows, so all ranks apply the same ones.
+        sparse = {k: g for k, g in flat.items() if isinstance(g, RowSparseGrad)}
+        summed.update(_gather_rows(sparse, self.group, after=list(summed.values())))
+        for g in summed.values():
+            if isinstance(g, RowSparseGrad):
+                g.check_indices()  # the gathered rows: every rank raises alike
         n = self.world_size
-        averaged = {k: (s / n).astype(s.dtype) if n > 1 else s for k, s in zip(flat, summed)}
+        averaged = {}
+        for k in flat:
+            s = summed[k]
+            if n > 1 and isinstance(s, RowSparseGrad):
+                s = RowSparseGrad(s.indices, (s.values / n).astype(s.dtype), s.num_rows)
+            elif n > 1:
+                s = (s / n).astype(s.dtype)
+            averaged[k] = s
         if self.max_grad_norm is not None:
             # Every rank holds the same averaged gradient: the norm needs no communication.
             averaged, self.last_grad_norm = clip_grad_norm(averaged, self.max_grad_norm)
@@ -266,12 +348,16 @@ class ShardedOptimizer(DataParallel):
     """ZeRO stage 1: data parallel, each rank holding the optimizer state of its share.
 
     Parameters are assigned to ranks whole, balanced by size (:func:`partition_parameters`,
-    on the tree given to ``init`` or the first gradient tree). ``update`` averages (and
-    clips) the gradients as :class:`DataParallel`, steps the wrapped optimizer on this
-    rank's parameters only, then sums the new parameters across ranks in buckets, each
-    rank contributing its own and zeros for the rest (``x + 0 == x``: exact), so all
-    ranks end with all parameters. Optimizer state per rank is about 1/N of the whole;
-    the parameters equal those of an unsharded run.
+    on the parameters given to ``init``, or else those the first gradients are for).
+    ``update`` averages (and clips) the gradients as :class:`DataParallel`, steps the
+    wrapped optimizer on this rank's parameters only, then sums the new parameters across
+    ranks in buckets, each rank contributing its own and zeros for the rest (``x + 0 ==
+    x``: exact), so all ranks end with all parameters. Optimizer state per rank is about
+    1/N of the whole; the parameters equal those of an unsharded run. Each parameter keeps
+    its dtype: an optimizer's result of another dtype (``mlx.optimizers``' Adam gives
+    float32 for a bfloat16 parameter with float32 gradients) is cast back to it.
+    Row-sparse gradients work as in :class:`DataParallel`; the new table is then summed
+    across ranks in full, like any parameter.
 
     Args:
         optimizer: one of ours or an ``mlx.optimizers`` optimizer, per-parameter (every
@@ -302,34 +388,54 @@ class ShardedOptimizer(DataParallel):
             raise ValueError("the parameters are not partitioned yet: call init(parameters) "
                              "or update once first")
 
-    def _partition(self, parameters: Any) -> None:
+    def _partition(self, parameters: dict[str, mx.array]) -> None:
+        """Assign the parameters ``{dotted path: array}`` to ranks (once)."""
         if self.owner is not None:
             return
-        flat = _flat(parameters)
-        self._shapes = {k: (tuple(x.shape), x.dtype) for k, x in flat.items()}
-        self.owner = partition_parameters({k: x.nbytes for k, x in flat.items()}, self.world_size)
+        self._shapes = {k: (tuple(x.shape), x.dtype) for k, x in parameters.items()}
+        self.owner = partition_parameters({k: x.nbytes for k, x in parameters.items()},
+                                          self.world_size)
 
     def init(self, parameters: Any) -> None:
         """Partition ``parameters`` across ranks and create this rank's share of the state."""
-        self._partition(parameters)
-        mine = set(self.owned)
-        self.optimizer.init(_subtree(parameters, mine))
+        if self.owner is None and hasattr(self.optimizer, "check_groups_select"):
+            # On the whole tree, on every rank: a group may select only other ranks' parameters.
+            self.optimizer.check_groups_select(parameters)
+        self._partition(_flat(parameters))
+        share = _subtree(parameters, set(self.owned))
+        # Our optimizers' init would check the groups against this rank's share alone.
+        getattr(self.optimizer, "_init_slots", self.optimizer.init)(share)
 
     def apply_gradients(self, gradients: Any, parameters: Any) -> Any:
-        self._partition(gradients)
-        unknown = sorted(set(_flat(gradients)) - set(self.owner))
-        if unknown:  # on every rank alike, before any collective
+        grads, params = _grad_leaves(gradients), _flat(parameters)
+        # Checks every rank makes alike, before any collective: one rank raising alone would
+        # leave the others waiting in the all_sums.
+        for path, g in grads.items():
+            if path not in params:
+                raise ValueError(f"gradient for unknown parameter {path!r}")
+            if tuple(g.shape) != tuple(params[path].shape):
+                raise ValueError(f"gradient for {path!r} has shape {tuple(g.shape)}, "
+                                 f"the parameter has shape {tuple(params[path].shape)}")
+        self._partition({p: params[p] for p in grads})
+        unknown = sorted(set(grads) - set(self.owner))
+        if unknown:
             raise ValueError(f"gradient for parameter(s) {unknown[:5]} that were not "
                              "partitioned (the tree given to init)")
         averaged = self._average(gradients)
+        if _is_ours(self.optimizer):  # its checks (row-sparse support...) on every rank
+            self.optimizer._check_gradients(tree_unflatten(list(averaged.items())), parameters)
         mine = {p for p in averaged if self.owner[p] == self.rank}
         own_grads = tree_unflatten([(p, g) for p, g in averaged.items() if p in mine]) or {}
         # Called even when this rank owns nothing, so its step count (schedules) advances.
         updated = _flat(self.optimizer.apply_gradients(own_grads, parameters))
-        contributions = [updated[p] if p in mine else mx.zeros(*self._shapes[p]) for p in averaged]
-        # After every gradient bucket: also those whose sums this rank does not use.
+        # Each rank sends every parameter in the parameter's own shape and dtype (the
+        # owner its update, cast back: mlx.optimizers may return another dtype), so the
+        # ranks' buckets match.
+        contributions = [updated[p].astype(params[p].dtype) if p in mine
+                         else mx.zeros(params[p].shape, params[p].dtype) for p in averaged]
+        # After every gradient collective: also those whose results this rank does not use.
         gathered = bucketed_all_sum(contributions, self.group, self.bucket_bytes,
-                                    after=list(averaged.values()))
+                                    after=_arrays_of(averaged))
         return tree_unflatten(list(zip(averaged, gathered)))
 
     # -------------------------------------------------------------- checkpoints

@@ -27,7 +27,10 @@ def radam_update(param, grad, state, *, learning_rate, betas, eps):
     # folded into two scalar coefficients instead of a select over the tensor.
     adaptive_coef = mx.where(rectified, step_size * rect * mx.sqrt(bias_correction2), 0.0)
     plain_coef = mx.where(rectified, 0.0, step_size)
-    adaptive = cast(adaptive_coef, grad) / (mx.sqrt(exp_avg_sq) + cast(eps, grad))
+    # Unrectified, torch never reads exp_avg_sq: a denominator of 1 keeps 0 / 0 (eps = 0,
+    # a zero gradient) from turning the unused term into NaN.
+    denominator_eps = mx.where(rectified, eps, mx.array(1.0, scalar_dtype()))
+    adaptive = cast(adaptive_coef, grad) / (mx.sqrt(exp_avg_sq) + cast(denominator_eps, grad))
     new_param = param - exp_avg * (adaptive + cast(plain_coef, grad))
     return new_param, {**state, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 

@@ -19,11 +19,15 @@ def rmsprop_update(param, grad, state, *, learning_rate, alpha, eps, momentum, c
         avg = mx.sqrt(square_avg - mx.square(grad_avg)) + cast(eps, grad)
     else:
         avg = mx.sqrt(square_avg) + cast(eps, grad)
+    lr = cast(learning_rate, param)
     if momentum is not None:  # None: momentum is zero, there is no buffer
-        buf = cast(momentum, grad) * state["momentum_buffer"] + grad / avg
+        mu = cast(momentum, grad)
+        # While momentum is 0 (a schedule may pass through 0) torch leaves the buffer alone.
+        moving = mu != 0
+        buf = mx.where(moving, mu * state["momentum_buffer"] + grad / avg, state["momentum_buffer"])
         new_state["momentum_buffer"] = buf
-        return param - cast(learning_rate, param) * buf, new_state
-    return param - cast(learning_rate, param) * grad / avg, new_state
+        return param - mx.where(moving, lr * buf, lr * grad / avg), new_state
+    return param - lr * grad / avg, new_state
 
 
 class RMSprop(Optimizer):

@@ -21,7 +21,15 @@ Precision: ``schedule(k)`` returns float32, the learning rate's dtype in an MLX 
 ``step()`` to 1e-10 relative (checked over thousands of steps). torch computes several
 schedulers recursively (``lr <- lr * ratio``); where the closed form equals that recursion
 to 1e-10 we use it, and where it does not (the end value of ``LinearLR``, the running
-product of ``MultiplicativeLR``) we replay torch's recursion once at construction.
+product of ``MultiplicativeLR``) we replay torch's recursion once at construction. A numpy
+float32 argument (``gamma=np.float32(0.9)``) is taken at its exact value; NumPy's promotion
+makes torch's rates float32 then, so the two agree to float32 rounding only.
+
+Integer arguments that torch leaves unchecked (``step_size``, ``milestones``,
+``total_iters``, ``T_max``) take numpy integers and whole floats (``30.0``) as torch does;
+a fractional value raises ``ValueError`` (``CyclicLR``'s step sizes, floats in torch, may
+be fractional). Those torch requires to be ``int`` (``T_0``, ``total_steps``) are checked
+as torch checks them.
 
 ``ReduceLROnPlateau`` depends on a metric, not on the step: it stays a stateful object
 that sets the optimizer's learning rates, as torch's does.
@@ -30,6 +38,8 @@ that sets the optimizer's learning rates, as torch's does.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Any, Callable, Sequence
 
 import mlx.core as mx
@@ -60,10 +70,11 @@ def _full(value: float, like: mx.array, dtype: mx.Dtype) -> mx.array:
 
 
 def _number(name: str, value: Any) -> float:
+    """A real argument: a Python or numpy number, or a 1-element ``mx.array``."""
     if isinstance(value, mx.array) and value.size == 1:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
     return float(value)
 
 
@@ -75,10 +86,21 @@ def _learning_rate(value: Any) -> float:
 
 
 def _int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "positive integer" if minimum == 1 else f"integer >= {minimum}"
-        raise ValueError(f"Expected {kind} {name}, but got {value}")
-    return value
+    """An integer argument: an int, a numpy integer or an integral float (torch takes 30.0
+    as 30). A fractional value, which torch's recursions would treat in their own way,
+    is refused."""
+    kind = "positive integer" if minimum == 1 else f"integer >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"Expected {kind} {name}, but got {value!r} ({type(value).__name__})")
+    if isinstance(value, numbers.Integral):
+        number = operator.index(value)
+    elif math.isfinite(value) and float(value).is_integer():
+        number = int(value)
+    else:
+        number = None
+    if number is None or number < minimum:
+        raise ValueError(f"Expected {kind} {name}, but got {value!r} ({type(value).__name__})")
+    return number
 
 
 def _choice(name: str, value: Any, options: Sequence[str], message: str | None = None) -> str:
@@ -507,8 +529,9 @@ class CyclicLR(Schedule):
     Args:
         base_lr (float): the lower rate, where a cycle starts.
         max_lr (float): the upper rate.
-        step_size_up (int): steps in the rising half. Default: 2000.
-        step_size_down (int | None): steps in the falling half. Default: ``step_size_up``.
+        step_size_up (float): steps in the rising half (fractional values are valid, as
+            in torch). Default: 2000.
+        step_size_down (float | None): steps in the falling half. Default: ``step_size_up``.
         mode (str): "triangular", "triangular2" or "exp_range". Default: "triangular".
         gamma (float): the base of "exp_range". Default: 1.0.
         scale_fn (callable | None): a custom :math:`\sigma`, called with a float array;
@@ -536,10 +559,18 @@ class CyclicLR(Schedule):
                  scale_mode: str = "cycle", cycle_momentum: bool = True,
                  base_momentum: float = 0.8, max_momentum: float = 0.9):
         self.base_lr, self.max_lr = _number("base_lr", base_lr), _number("max_lr", max_lr)
-        up = float(_int("step_size_up", step_size_up, 1))
-        down = up if step_size_down is None else float(_int("step_size_down", step_size_down, 0))
+        # torch uses the step sizes as floats: fractional ones are valid too.
+        up = _number("step_size_up", step_size_up)
+        if not 0 < up < math.inf:
+            raise ValueError(f"Expected positive step_size_up, but got {step_size_up!r}")
+        down = up if step_size_down is None else _number("step_size_down", step_size_down)
+        if not 0 <= down < math.inf:
+            raise ValueError(f"Expected step_size_down >= 0, but got {step_size_down!r}")
         self.step_size_up, self.step_size_down = step_size_up, step_size_down
         self.total_size, self.step_ratio = up + down, up / (up + down)
+        # Whole step sizes: the cycle and the position in it by integer arithmetic on the
+        # step, exact at any step (k / total_size in float32 is not).
+        self._whole_size = int(up + down) if up.is_integer() and down.is_integer() else None
         if scale_fn is None:
             _choice("mode", mode, ("triangular", "triangular2", "exp_range"),
                     f"mode is invalid and scale_fn is None (mode={mode!r})")
@@ -563,8 +594,12 @@ class CyclicLR(Schedule):
 
     def _height_and_scale(self, k: mx.array, dtype: mx.Dtype) -> tuple[mx.array, Any]:
         kf = k.astype(dtype)
-        cycle = mx.floor(1 + kf / self.total_size)
-        x = 1.0 + kf / self.total_size - cycle
+        if self._whole_size is not None:
+            cycle = (k // self._whole_size + 1).astype(dtype)
+            x = (k % self._whole_size).astype(dtype) / self._whole_size
+        else:   # torch's float formula
+            cycle = mx.floor(1 + kf / self.total_size)
+            x = 1.0 + kf / self.total_size - cycle
         ratio = self.step_ratio
         # The unselected side may divide by zero (step_size_down=0): harmless in a select.
         height = mx.where(x <= ratio, x / ratio, (x - 1) / (ratio - 1))
@@ -613,7 +648,12 @@ class OneCycleLR(Schedule):
         >>> opt = Adam(learning_rate=one_cycle, betas=(one_cycle.momentum, 0.999))
 
     Differences: torch raises when stepped past ``total_steps``; a compiled step cannot
-    raise, so the value at ``total_steps`` holds.
+    raise, so the value at ``total_steps`` holds. A last phase of zero length
+    (``pct_start=1.0``), where torch divides by zero at ``total_steps``, holds the value at
+    ``total_steps - 1`` instead. ``pct_start * total_steps == 1`` (a first phase of zero
+    length) raises ``ValueError`` where torch raises ``ZeroDivisionError``. In a torch
+    ``SequentialLR``, torch's constructor also changes the rate the other children start
+    from (see :class:`SequentialLR`); not reproduced.
     """
 
     def __init__(self, max_lr: float, total_steps: int | None = None, epochs: int | None = None,
@@ -660,17 +700,27 @@ class OneCycleLR(Schedule):
                 (rise, lr["initial"], lr["max"], mom["max"], mom["base"]),
                 (total_steps - 1, lr["max"], lr["min"], mom["base"], mom["max"]),
             ]
+        if rise == 0:   # torch computes 0 / 0 at step 0
+            raise ValueError(
+                f"pct_start * total_steps must not be 1: the first phase would have zero length "
+                f"(pct_start={pct_start}, total_steps={total_steps}); torch raises "
+                "ZeroDivisionError at construction")
+        # A last phase of zero length (pct_start=1.0) is 0 / 0 at step total_steps, where
+        # torch raises: the value at total_steps - 1 holds from there on instead.
+        last_start = self._phases[-2][0]
+        self._last_step = total_steps - 1 if last_start == total_steps - 1 else total_steps
         self.momentum = _Bound(self._momentum_at) if cycle_momentum else None
 
     def _anneal(self, k: mx.array, dtype: mx.Dtype, lr: bool) -> mx.array:
         anneal = _ANNEAL[self.anneal_strategy]
-        step = mx.minimum(k, self.total_steps).astype(dtype)
+        step = mx.minimum(k, self._last_step).astype(dtype)
         start_step, pieces = 0.0, []
         for end_step, start_lr, end_lr, start_m, end_m in self._phases:
             pct = (step - start_step) / (end_step - start_step)
             pieces.append((end_step, anneal(start_lr, end_lr, pct) if lr else anneal(start_m, end_m, pct)))
             start_step = end_step
-        # torch takes the first phase with step <= end_step, else the last one.
+        # torch takes the first phase with step <= end_step, else the last one. An
+        # unselected piece may divide by zero (a last phase of zero length): harmless.
         value = pieces[-1][1]
         for end_step, piece in reversed(pieces[:-1]):
             value = mx.where(step <= end_step, piece, value)
@@ -692,12 +742,28 @@ class SequentialLR(Schedule):
         milestones (sequence of int): the steps where the next schedule starts; one fewer
             than ``schedules``.
 
+    Attributes:
+        momentum: when a child cycles the momentum (``CyclicLR``, ``OneCycleLR``), the
+            momentum torch sets: a cycling child's ``momentum`` on its own steps (restarting
+            at its milestone); on the other children's steps the last value set holds, and
+            before any cycling child has run, what the last of them in ``schedules`` (the
+            last constructed, in torch) set at construction: its step 0. None when no
+            child cycles.
+
     Example:
         >>> schedule = SequentialLR([LinearLR(0.1, 0.01, total_iters=100),
         ...                          CosineAnnealingLR(0.1, T_max=900)], milestones=[100])
 
-    Differences: torch's ``MultiplicativeLR`` after the first milestone continues from the
-    previous scheduler's last rate; here every schedule restarts from its own rate.
+    Differences: every schedule here starts from its own rate. In torch, ``SWALR`` and
+    ``MultiplicativeLR`` after the first milestone ``m`` continue from the optimizer's
+    current rate instead, the one the previous schedule set at step ``m - 1``: give that
+    rate as their ``learning_rate`` to match torch (times ``lr_lambda(0)`` for
+    ``MultiplicativeLR``, which torch applies at ``m``). torch's ``OneCycleLR`` constructor
+    overwrites the optimizer's ``initial_lr`` with ``max_lr / div_factor`` (and a
+    ``CyclicLR`` constructed before any other scheduler sets it to ``base_lr``), which
+    torch's SequentialLR and the schedulers constructed after start from: a warmup before
+    a OneCycleLR child runs from ``max_lr / div_factor``. This is not reproduced; it equals
+    torch when that rate is the other schedules' ``learning_rate``.
     """
 
     def __init__(self, schedules: Sequence[Schedule], milestones: Sequence[int]):
@@ -713,12 +779,29 @@ class SequentialLR(Schedule):
                 f"the number of milestone points, but got number of schedulers {len(schedules)} and "
                 f"the number of milestones to be equal to {len(milestones)} (milestones={milestones})")
         self.schedules, self.milestones = schedules, milestones
+        cycling = [s for s in schedules if getattr(s, "momentum", None) is not None]
+        self.momentum = _Bound(self._momentum_at) if cycling else None
 
     def _at(self, k, dtype):
         value = self.schedules[0]._at(k, dtype)
         for start, schedule in zip(self.milestones, self.schedules[1:]):
             later = schedule._at(mx.maximum(k - start, 0), dtype)
             value = mx.where(k >= start, later, value)
+        return value
+
+    def _momentum_at(self, k, dtype):
+        # torch's cycling children write the momentum on their own steps only; the others
+        # leave it. Before any has run it is what the last one constructed wrote: its step 0.
+        cycling = [i for i, s in enumerate(self.schedules) if getattr(s, "momentum", None) is not None]
+        value = self.schedules[cycling[-1]].momentum._at(mx.zeros_like(k), dtype)
+        starts, ends = [0, *self.milestones], [*self.milestones, None]
+        for i in cycling:
+            start, end = starts[i], ends[i]
+            if end is not None and end <= start:   # a child torch never steps
+                continue
+            last = k if end is None else mx.minimum(k, end - 1)   # held after its last step
+            own = self.schedules[i].momentum._at(mx.maximum(last - start, 0), dtype)
+            value = mx.where(k >= start, own, value)
         return value
 
 
@@ -813,8 +896,8 @@ class ReduceLROnPlateau:
 
     Differences: rates are read as floats from the optimizer; a float32 rate is rounded
     back to float32 when set, so a long run drifts from torch's float64 rates by float32
-    rounding. A group whose rate is a schedule is overwritten by its schedule at the
-    next update: use this with constant rates, as in torch.
+    rounding. A group whose rate is a schedule cannot be reduced after the first step
+    (``ValueError``, see ``ParamGroup``): use this with constant rates, as in torch.
     """
 
     def __init__(self, optimizer: Any, mode: str = "min", factor: float = 0.1, patience: int = 10,

@@ -12,7 +12,8 @@ from ._math import cast, scalar_dtype
 def sgd_update(param, grad, state, *, learning_rate, momentum, dampening, nesterov):
     """One SGD step. ``momentum`` (and ``dampening``) is None when zero: no buffer."""
     if momentum is not None:
-        buf = cast(momentum, grad) * state["momentum_buffer"]
+        mu = cast(momentum, grad)
+        buf = mu * state["momentum_buffer"]
         if dampening is None:
             buf = buf + grad
         else:
@@ -20,7 +21,11 @@ def sgd_update(param, grad, state, *, learning_rate, momentum, dampening, nester
             # the buffer starts at zero, so only the gradient's coefficient changes.
             grad_weight = mx.where(state["step"] == 1, mx.array(1.0, scalar_dtype()), 1 - dampening)
             buf = buf + cast(grad_weight, grad) * grad
-        grad = grad + cast(momentum, grad) * buf if nesterov else buf
+        # While momentum is 0 (a schedule may pass through 0) torch leaves the buffer alone
+        # and steps along the gradient.
+        moving = mu != 0
+        buf = mx.where(moving, buf, state["momentum_buffer"])
+        grad = grad + mu * buf if nesterov else mx.where(moving, buf, grad)
         state = {**state, "momentum_buffer": buf}
     return param - cast(learning_rate, param) * grad, state
 
@@ -51,7 +56,10 @@ class SGD(Optimizer):
 
     Differences: ``mlx.optimizers.SGD`` dampens the first momentum step and needs a
     learning rate; torch (and this class) copy the first gradient into the buffer.
-    Whether momentum, dampening and weight decay are zero is fixed at construction.
+    Whether momentum, dampening and weight decay are zero is fixed at construction; a
+    momentum set to 0 later (or scheduled through 0) skips the buffer as torch does. One
+    difference remains: with dampening, torch's buffer starts undamped at the first step
+    whose momentum is non-zero, ours at the first step.
 
     Reference: Sutskever et al., "On the importance of initialization and momentum in
     deep learning", ICML 2013.

@@ -8,7 +8,7 @@ update only the rows it names, at a cost that grows with those rows, not the tab
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -82,23 +82,42 @@ class _TappedEmbedding(nn.Embedding):
     """An nn.Embedding whose output carries a zero ``delta`` we differentiate against."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        delta = self._row_tap
-        if tuple(x.shape) != tuple(delta.shape[:-1]):
-            raise ValueError(f"embedding looked up ids of shape {tuple(x.shape)}; "
-                             f"embedding_value_and_grad expects the ids passed to it, of shape "
-                             f"{tuple(delta.shape[:-1])}")
-        return mx.stop_gradient(self.weight)[x] + delta
+        # The tap stands for the rows at the ids given, so any other lookup (positions of
+        # the same shape included) would receive a wrong gradient.
+        if x is not self._row_ids:
+            raise ValueError(f"embedding {self._row_path!r} looked up an array other than the "
+                             "ids given to embedding_value_and_grad (e.g. positions); its "
+                             f"gradient must be dense: pass dense=[{self._row_path!r}]")
+        return mx.stop_gradient(self.weight)[x] + self._row_tap
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        # A tied output layer: its weight gradient is dense, which the tap cannot carry.
+        raise ValueError(f"embedding {self._row_path!r} is also used as a linear layer "
+                         "(as_linear, tied weights), so its gradient is dense: pass "
+                         f"dense=[{self._row_path!r}]")
 
 
-def embedding_value_and_grad(model: nn.Module, loss_fn: Callable) -> Callable:
+def embedding_value_and_grad(model: nn.Module, loss_fn: Callable,
+                             dense: Sequence[str] = ()) -> Callable:
     """``nn.value_and_grad`` with row-sparse gradients for the model's ``nn.Embedding`` layers.
 
     Returns ``fn(ids, *args, **kwargs) -> (loss, grads)`` calling
-    ``loss_fn(ids, *args, **kwargs)``. Every ``nn.Embedding`` in ``model`` must look up
-    ``ids`` (once); its weight's gradient is a :class:`RowSparseGrad` with one row per id
-    (repeats summed by the optimizer), the gradient torch gives ``nn.Embedding(sparse=True)``.
-    The other trainable parameters get dense gradients. The backward pass never forms a
-    table-sized gradient: it differentiates with respect to the looked-up rows.
+    ``loss_fn(ids, *args, **kwargs)``. Every ``nn.Embedding`` in ``model`` (except those
+    named in ``dense``) must look up ``ids`` itself, the very array passed to ``loss_fn``;
+    its weight's gradient is a :class:`RowSparseGrad` with one row per id (repeats summed
+    by the optimizer), the gradient torch gives ``nn.Embedding(sparse=True)``. The other
+    trainable parameters get dense gradients. The backward pass never forms a table-sized
+    gradient: it differentiates with respect to the looked-up rows.
+
+    An embedding that looks up anything else (positions, a slice or a copy of ``ids``) or
+    serves as a tied output layer (``as_linear``) raises ``ValueError``: name it in
+    ``dense`` to give it an ordinary dense gradient.
+
+    Args:
+        model: the model whose trainable parameters are differentiated.
+        loss_fn: ``loss_fn(ids, *args, **kwargs)``, a scalar.
+        dense: module paths (as ``model.named_modules()`` names them, e.g. ``"pos"``) of
+            embeddings to differentiate densely.
 
     Example:
         >>> model = nn.Sequential(nn.Embedding(100_000, 64), nn.Linear(64, 1))
@@ -106,29 +125,40 @@ def embedding_value_and_grad(model: nn.Module, loss_fn: Callable) -> Callable:
         ...     model, lambda ids, y: nn.losses.mse_loss(model(ids).squeeze(-1), y))
         >>> loss, grads = loss_and_grad(ids, y)   # grads["layers"][0]["weight"]: RowSparseGrad
     """
+    dense = [dense] if isinstance(dense, str) else list(dense)
+    modules = dict(model.named_modules())
+    for path in dense:
+        if type(modules.get(path)) is not nn.Embedding:
+            raise ValueError(f"dense names {path!r}, which is not an nn.Embedding of the model")
+
     def fn(ids, *args, **kwargs):
-        ids = mx.array(ids)
+        ids = ids if isinstance(ids, mx.array) else mx.array(ids)
         embeddings = [(path, m) for path, m in model.named_modules()
-                      if type(m) is nn.Embedding and "weight" in m.trainable_parameters()]
+                      if type(m) is nn.Embedding and "weight" in m.trainable_parameters()
+                      and path not in dense]
         weights = {f"{path}.weight" if path else "weight" for path, _ in embeddings}
-        dense = [(k, v) for k, v in tree_flatten(model.trainable_parameters()) if k not in weights]
-        dense = tree_unflatten(dense) if dense else {}
+        dense_params = [(k, v) for k, v in tree_flatten(model.trainable_parameters())
+                        if k not in weights]
+        dense_params = tree_unflatten(dense_params) if dense_params else {}
         taps = [mx.zeros((*ids.shape, m.weight.shape[1]), m.weight.dtype) for _, m in embeddings]
 
         def inner(dense_params, taps):
             model.update(dense_params)
             for (_, m), tap in zip(embeddings, taps):
-                object.__setattr__(m, "_row_tap", tap)  # an attribute, not a parameter
+                object.__setattr__(m, "_row_tap", tap)  # attributes, not parameters
             return loss_fn(ids, *args, **kwargs)
 
-        for _, m in embeddings:
+        for path, m in embeddings:
             m.__class__ = _TappedEmbedding
+            object.__setattr__(m, "_row_ids", ids)
+            object.__setattr__(m, "_row_path", path)
         try:
-            loss, (dense_grads, tap_grads) = mx.value_and_grad(inner, argnums=(0, 1))(dense, taps)
+            loss, (dense_grads, tap_grads) = mx.value_and_grad(inner, argnums=(0, 1))(dense_params, taps)
         finally:
             for _, m in embeddings:
                 m.__class__ = nn.Embedding
-                m.__dict__.pop("_row_tap", None)
+                for name in ("_row_tap", "_row_ids", "_row_path"):
+                    m.__dict__.pop(name, None)
         flat = tree_flatten(dense_grads)
         for (path, m), grad in zip(embeddings, tap_grads):
             name = f"{path}.weight" if path else "weight"

@@ -102,8 +102,10 @@ class AveragedModel(nn.Module):
         multi_avg_fn (callable | None): ``multi_avg_fn(averaged_list, current_list,
             n_averaged) -> new_list``, e.g. :func:`get_ema_multi_avg_fn`. Default: None.
         use_buffers (bool): average all arrays, the frozen ones too (MLX's counterpart of
-            torch's buffers, e.g. BatchNorm's running statistics); when False the frozen
-            arrays are copied from ``model`` at each update. Default: False.
+            torch's buffers, e.g. BatchNorm's running statistics); when False the arrays
+            frozen in ``model`` at each update are copied from it, the trainable ones
+            averaged (unfreezing a backbone after warm-up averages it from then on).
+            Default: False.
 
     Example:
         >>> ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999))
@@ -115,7 +117,10 @@ class AveragedModel(nn.Module):
     returns the new arrays instead of updating in place. Giving both functions raises
     ``ValueError`` (torch: ``AssertionError``). torch averages on the CPU with
     :func:`get_swa_avg_fn` and on CUDA with :func:`get_swa_multi_avg_fn`; the default
-    here is the former.
+    here is the former. torch averages every parameter whatever its ``requires_grad``;
+    here being frozen is what marks a buffer, so with ``use_buffers=False`` a parameter
+    frozen part-way through is copied from then on, not averaged. A compiled step keeps
+    the split it was traced with: compile it again after freezing or unfreezing.
     """
 
     def __init__(self, model: nn.Module, avg_fn: AvgFn | None = None,
@@ -131,16 +136,16 @@ class AveragedModel(nn.Module):
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-    def _averaged_arrays(self, model: nn.Module) -> list[tuple[str, mx.array]]:
-        return tree_flatten(model.parameters() if self.use_buffers else model.trainable_parameters())
-
     def update_parameters(self, model: nn.Module) -> None:
         """Average ``model``'s current parameters in (a copy when none are yet)."""
-        mine, theirs = self._averaged_arrays(self.module), dict(self._averaged_arrays(model))
-        if set(theirs) != {key for key, _ in mine}:
+        mine, theirs = dict(tree_flatten(self.module.parameters())), dict(tree_flatten(model.parameters()))
+        if set(theirs) != set(mine):
             raise ValueError("model's parameters do not match the averaged model's (model)")
-        keys = [key for key, _ in mine]
-        averaged, current = [a for _, a in mine], [theirs[key] for key in keys]
+        # What is trainable now, in the live model: it may have changed since the copy
+        # was made (a backbone unfrozen after warm-up).
+        keys = list(theirs) if self.use_buffers else [
+            key for key, _ in tree_flatten(model.trainable_parameters())]
+        averaged, current = [mine[key] for key in keys], [theirs[key] for key in keys]
         n = self.n_averaged
         if self.multi_avg_fn is not None:
             new = self.multi_avg_fn(averaged, current, n)
@@ -151,8 +156,8 @@ class AveragedModel(nn.Module):
         new = [mx.where(n == 0, c, x).astype(a.dtype) for a, c, x in zip(averaged, current, new)]
         self.module.update(tree_unflatten(list(zip(keys, new))))
         if not self.use_buffers:
-            trainable = {key for key, _ in tree_flatten(model.trainable_parameters())}
-            frozen = [(k, v) for k, v in tree_flatten(model.parameters()) if k not in trainable]
+            averaged_keys = set(keys)
+            frozen = [(k, v) for k, v in theirs.items() if k not in averaged_keys]
             if frozen:
                 self.module.update(tree_unflatten(frozen))
         self.n_averaged = n + 1
@@ -203,8 +208,13 @@ class SWALR(Schedule):
         anneal_strategy (str): "cos" or "linear". Default: "cos".
 
     Example:
-        >>> schedule = SequentialLR([CosineAnnealingLR(0.1, T_max=75), SWALR(0.1, swa_lr=0.05)],
-        ...                         milestones=[75])
+        >>> cosine = CosineAnnealingLR(0.1, T_max=75)
+        >>> swa = SWALR(cosine(74, dtype=mx.float64).item(), swa_lr=0.05)
+        >>> schedule = SequentialLR([cosine, swa], milestones=[75])
+
+        In torch's ``SequentialLR``, SWALR starts from the optimizer's current rate at its
+        milestone ``m``: the rate the schedule before it set at step ``m - 1`` (here the
+        cosine's at 74), which is what ``learning_rate`` must be to match torch.
 
     Differences: torch recovers :math:`\eta` from the current rate at every step, which
     costs it a few ulps; this is the closed form (equal to 1e-10). Per-group ``swa_lr``

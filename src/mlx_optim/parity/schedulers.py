@@ -118,6 +118,31 @@ CASES = [
     Case("SequentialLR", dict(schedules=[sub("MultiStepLR", milestones=[5, 15]),
                                          sub("PolynomialLR", total_iters=500, power=2.0)],
                               milestones=[50]), id="SequentialLR-multistep-poly"),
+    # Momentum-cycling children: torch restarts a child's cycle at its milestone and keeps
+    # the last momentum set on the other children's steps. OneCycleLR's max_lr / div_factor
+    # and a first CyclicLR's base_lr are LR: torch makes the others start from them (not
+    # reproduced, see SequentialLR).
+    Case("SequentialLR", dict(schedules=[sub("ConstantLR", factor=0.5, total_iters=7),
+                                         sub("CyclicLR", base_lr=0.01, max_lr=0.1, step_size_up=50)],
+                              milestones=[100]), id="SequentialLR-constant-cyclic"),
+    Case("SequentialLR", dict(schedules=[sub("LinearLR", start_factor=0.1, total_iters=50),
+                                         sub("OneCycleLR", max_lr=0.5, div_factor=5.0, total_steps=600),
+                                         sub("ExponentialLR", gamma=0.99)],
+                              milestones=[100, 700]), optimizer="adam",
+         id="SequentialLR-linear-onecycle-exp"),
+    Case("SequentialLR", dict(schedules=[sub("CyclicLR", base_lr=LR, max_lr=0.5, step_size_up=40),
+                                         sub("StepLR", step_size=100, gamma=0.5),
+                                         sub("CyclicLR", base_lr=0.001, max_lr=0.1, step_size_up=30,
+                                             step_size_down=70, mode="triangular2",
+                                             base_momentum=0.7, max_momentum=0.95)],
+                              milestones=[150, 400]), id="SequentialLR-cyclic-step-cyclic"),
+    # torch never steps a child whose milestones coincide; the momentum before the second
+    # CyclicLR is what its constructor set, not the first one's.
+    Case("SequentialLR", dict(schedules=[sub("CyclicLR", base_lr=LR, max_lr=0.5, step_size_up=5,
+                                             base_momentum=0.6, max_momentum=0.7),
+                                         sub("ConstantLR", factor=0.5, total_iters=3),
+                                         sub("CyclicLR", base_lr=0.01, max_lr=0.1, step_size_up=30)],
+                              milestones=[0, 20]), id="SequentialLR-skipped-cyclic"),
     Case("ChainedScheduler", dict(schedules=[sub("ConstantLR", factor=0.1, total_iters=2),
                                              sub("ExponentialLR", gamma=0.99)]),
          id="ChainedScheduler-constant-exp"),
@@ -201,6 +226,8 @@ def ours(schedule: S.Schedule, start: int, stop: int, dtype=mx.float64) -> np.nd
 
 
 def cycles_momentum(case: Case) -> bool:
+    if case.name == "SequentialLR":
+        return any(cycles_momentum(child) for child in case.kwargs["schedules"])
     return case.name in NO_LEARNING_RATE and case.kwargs.get("cycle_momentum", True)
 
 
