@@ -281,6 +281,23 @@ def ranks(out):
         ends["ShardedOptimizer"]["emb"][i], table[i]).item()]
     saved.update({f"sparse.{k}": v for k, v in ends["ShardedOptimizer"].items()})
 
+    log(rank, "9. A parameter the optimizer refuses, owned by one rank")
+    # 9. Muon refuses 1-D parameters: every rank must raise, in init and in a first update
+    # without init, or the ranks that do not own one would wait in a collective.
+    refusals = []
+    for first_call in ("init", "apply_gradients"):
+        model = make_model()
+        sharded_opt = ShardedOptimizer(mlx_optim.Muon(learning_rate=0.02), group)
+        try:
+            if first_call == "init":
+                sharded_opt.init(model.trainable_parameters())
+            else:
+                x, y = data(0)
+                sharded_opt.update(model, grads_of(model, half(x, rank, world), half(y, rank, world)))
+        except ValueError as error:
+            refusals.append(str(error))
+    results["muon_refusals"] = refusals
+
     log(rank, "done")
     mx.save_safetensors(os.path.join(out, f"rank{rank}.safetensors"), saved)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:

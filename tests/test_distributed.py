@@ -144,6 +144,13 @@ def test_sharded_group_that_one_rank_does_not_own(runs):
     assert all(r["group_equal"] for r in results)
 
 
+def test_every_rank_refuses_a_parameter_its_optimizer_cannot_update(runs):
+    results, _, _ = runs
+    for r in results:  # both ranks, in init and in a first update: none left waiting
+        assert len(r["muon_refusals"]) == 2, r["muon_refusals"]
+        assert all("only supports 2D parameters" in m for m in r["muon_refusals"]), r["muon_refusals"]
+
+
 def test_row_sparse_gradients_gather_every_ranks_rows(runs):
     results, _, _ = runs
     for r in results:

@@ -401,10 +401,18 @@ class ShardedOptimizer(DataParallel):
         if self.owner is None and hasattr(self.optimizer, "check_groups_select"):
             # On the whole tree, on every rank: a group may select only other ranks' parameters.
             self.optimizer.check_groups_select(parameters)
+        self._check_parameters(_flat(parameters))
         self._partition(_flat(parameters))
         share = _subtree(parameters, set(self.owned))
         # Our optimizers' init would check the groups against this rank's share alone.
         getattr(self.optimizer, "_init_slots", self.optimizer.init)(share)
+
+    def _check_parameters(self, parameters: dict[str, mx.array]) -> None:
+        """Our optimizer's refusals (Muon: not 2-D) on every rank, not only the owner's: a
+        rank raising alone would leave the others waiting in a collective."""
+        if _is_ours(self.optimizer):
+            for path, param in parameters.items():
+                self.optimizer._check_parameter(path, param)
 
     def apply_gradients(self, gradients: Any, parameters: Any) -> Any:
         grads, params = _grad_leaves(gradients), _flat(parameters)
@@ -416,6 +424,7 @@ class ShardedOptimizer(DataParallel):
             if tuple(g.shape) != tuple(params[path].shape):
                 raise ValueError(f"gradient for {path!r} has shape {tuple(g.shape)}, "
                                  f"the parameter has shape {tuple(params[path].shape)}")
+        self._check_parameters({p: params[p] for p in grads})
         self._partition({p: params[p] for p in grads})
         unknown = sorted(set(grads) - set(self.owner))
         if unknown:

@@ -22,11 +22,11 @@ def rmsprop_update(param, grad, state, *, learning_rate, alpha, eps, momentum, c
     lr = cast(learning_rate, param)
     if momentum is not None:  # None: momentum is zero, there is no buffer
         mu = cast(momentum, grad)
-        # While momentum is 0 (a schedule may pass through 0) torch leaves the buffer alone.
-        moving = mu != 0
-        buf = mx.where(moving, mu * state["momentum_buffer"] + grad / avg, state["momentum_buffer"])
+        # While momentum is 0 (a schedule may pass through 0) torch leaves the buffer alone;
+        # the momentum itself is the condition (see sgd_update).
+        buf = mx.where(mu, mu * state["momentum_buffer"] + grad / avg, state["momentum_buffer"])
         new_state["momentum_buffer"] = buf
-        return param - mx.where(moving, lr * buf, lr * grad / avg), new_state
+        return param - mx.where(mu, lr * buf, lr * grad / avg), new_state
     return param - lr * grad / avg, new_state
 
 

@@ -22,10 +22,10 @@ def sgd_update(param, grad, state, *, learning_rate, momentum, dampening, nester
             grad_weight = mx.where(state["step"] == 1, mx.array(1.0, scalar_dtype()), 1 - dampening)
             buf = buf + cast(grad_weight, grad) * grad
         # While momentum is 0 (a schedule may pass through 0) torch leaves the buffer alone
-        # and steps along the gradient.
-        moving = mu != 0
-        buf = mx.where(moving, buf, state["momentum_buffer"])
-        grad = grad + mu * buf if nesterov else mx.where(moving, buf, grad)
+        # and steps along the gradient. The momentum itself is the condition (non-zero is
+        # true): `mu != 0` would add a constant input to every parameter's kernel.
+        buf = mx.where(mu, buf, state["momentum_buffer"])
+        grad = grad + mu * buf if nesterov else mx.where(mu, buf, grad)
         state = {**state, "momentum_buffer": buf}
     return param - cast(learning_rate, param) * grad, state
 
