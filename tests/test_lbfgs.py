@@ -440,3 +440,40 @@ def test_minimize_reports_failure():
     assert result.x.tolist() == [5.0] and result.fun == -5.0 and result.nfev == 7
     result = minimize(rosen, mx.array([-1.2, 1.0], dtype=mx.float64), max_iter=5, max_eval=100)
     assert not result.success and result.message == lbfgs_module.MAX_ITER and result.nit == 5
+
+
+@pytest.mark.parametrize("objective", ["l1", "linear"])
+def test_strong_wolfe_on_linear_pieces_equals_torch(objective):
+    # Two probes on one linear piece make the cubic's denominator 0: torch divides tensors
+    # (inf, clipped by the bounds, or nan), where Python floats would raise.
+    start = [5.0, -7.0]
+    torch_fn = {"l1": lambda x: x.abs().sum(), "linear": lambda x: -x.sum()}[objective]
+    mlx_fn = {"l1": lambda x: mx.abs(x).sum(), "linear": lambda x: -x.sum()}[objective]
+    x = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+    torch_opt = torch.optim.LBFGS([x], line_search_fn="strong_wolfe", max_iter=5)
+
+    def closure():
+        torch_opt.zero_grad()
+        loss = torch_fn(x)
+        loss.backward()
+        return loss
+
+    torch_opt.step(closure)
+    ours = LBFGS(line_search_fn="strong_wolfe", max_iter=5)
+    params, _ = ours.step_tree(mx.array(start, dtype=mx.float64), mx.value_and_grad(mlx_fn))
+    np.testing.assert_allclose(np.array(params), x.detach().numpy(), rtol=1e-12)
+    assert ours.state["func_evals"] == torch_opt.state[x]["func_evals"]
+
+
+def test_runtime_needs_no_numpy():
+    # The runtime dependency is mlx alone (numpy comes with the test extra only).
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['numpy'] = None\n"
+            "import mlx.core as mx, mlx_optim\n"
+            "g = mlx_optim.RowSparseGrad(mx.array([3, 1, 3]), mx.ones((3, 2)), 5).coalesce()\n"
+            "assert g.indices.tolist() == [1, 3] and g.values.tolist() == [[1.0, 1.0], [2.0, 2.0]]\n"
+            "assert mlx_optim.minimize(lambda v: mx.abs(v).sum(), mx.array([5.0, -7.0])).success\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -31,16 +31,27 @@ def cubic_interpolate(x1: float, f1: float, g1: float, x2: float, f2: float, g2:
     Falls back to the middle of the bounds when the cubic has no real minimiser.
     """
     low, high = bounds if bounds is not None else ((x1, x2) if x1 <= x2 else (x2, x1))
-    d1 = g1 + g2 - 3 * (f1 - f2) / (x1 - x2)
+    d1 = g1 + g2 - 3 * _divide(f1 - f2, x1 - x2)
     d2_square = d1 * d1 - g1 * g2
     if d2_square >= 0:
         d2 = math.sqrt(d2_square)
         if x1 <= x2:
-            min_pos = x2 - (x2 - x1) * ((g2 + d2 - d1) / (g2 - g1 + 2 * d2))
+            min_pos = x2 - (x2 - x1) * _divide(g2 + d2 - d1, g2 - g1 + 2 * d2)
         else:
-            min_pos = x1 - (x1 - x2) * ((g1 + d2 - d1) / (g1 - g2 + 2 * d2))
+            min_pos = x1 - (x1 - x2) * _divide(g1 + d2 - d1, g1 - g2 + 2 * d2)
         return min(max(min_pos, low), high)
     return (low + high) / 2.0
+
+
+def _divide(a: float, b: float) -> float:
+    """``a / b`` as torch's tensors divide (IEEE: ±inf or nan by zero), not raising: two
+    probes on one linear piece (an L1 loss, a ReLU) make the cubic's denominator 0, and
+    torch's bounds then clip the infinite step."""
+    if b != 0:
+        return a / b
+    if a == 0 or math.isnan(a):
+        return math.nan
+    return math.copysign(math.inf, a) * math.copysign(1.0, b)  # the sign of b's zero counts
 
 
 def strong_wolfe(phi: Callable[[float], tuple[float, mx.array]], d: mx.array, t: float,

@@ -38,7 +38,6 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.optimizers as mlx_optimizers
-import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ._base import Optimizer, _slots, insert_slot
@@ -85,16 +84,15 @@ def _gather_rows(grads: dict[str, RowSparseGrad], group: mx.distributed.Group,
     if group.size() == 1 or not grads:
         return dict(grads)
     n, rank = group.size(), group.rank()
-    counts = np.zeros((len(grads), n), np.int32)
-    counts[:, rank] = [g.indices.size for g in grads.values()]
-    summed = mx.array(counts)
+    counts = mx.zeros((len(grads), n), mx.int32)
+    counts[:, rank] = mx.array([g.indices.size for g in grads.values()], mx.int32)
     if after:
-        summed = mx.depends([summed], list(after))[0]
-    summed = mx.distributed.all_sum(summed, group=group)
-    counts, previous = np.array(summed), [summed]  # evaluates every collective so far
+        counts = mx.depends([counts], list(after))[0]
+    summed = mx.distributed.all_sum(counts, group=group)
+    counts, previous = summed.tolist(), [summed]  # evaluates every collective so far
     out = {}
     for (path, g), count in zip(grads.items(), counts):
-        most = int(count.max())
+        most = max(count)
         if most == 0:  # no rank has rows: nothing to gather
             out[path] = RowSparseGrad(mx.zeros((0,), mx.int64), g.values, g.num_rows)
             continue
@@ -105,7 +103,7 @@ def _gather_rows(grads: dict[str, RowSparseGrad], group: mx.distributed.Group,
         indices = mx.distributed.all_gather(mx.depends([indices], previous)[0], group=group)
         values = mx.distributed.all_gather(mx.depends([values], [indices])[0], group=group)
         previous = [values]
-        keep = mx.array(np.concatenate([r * most + np.arange(c) for r, c in enumerate(count)]))
+        keep = mx.array([r * most + i for r, c in enumerate(count) for i in range(c)])
         out[path] = RowSparseGrad(indices[keep], values[keep], g.num_rows)
     return out
 

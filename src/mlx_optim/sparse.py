@@ -12,7 +12,6 @@ from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 
@@ -62,13 +61,18 @@ class RowSparseGrad:
     def coalesce(self) -> "RowSparseGrad":
         """Unique, sorted indices; the values of a repeated index summed (eager)."""
         self.check_indices()
-        rows, position = np.unique(np.array(self.indices), return_inverse=True)
-        if rows.size == self.indices.size:
-            order = mx.array(np.argsort(np.array(self.indices), kind="stable"))
-            return RowSparseGrad(mx.array(rows), self.values[order], self.num_rows)
-        summed = mx.zeros((rows.size, *self.values.shape[1:]), self.values.dtype)
-        summed = summed.at[mx.array(position.reshape(-1))].add(self.values)
-        return RowSparseGrad(mx.array(rows), summed, self.num_rows)
+        if self.indices.size == 0:
+            return self
+        order = mx.argsort(self.indices)
+        ids, values = self.indices[order], self.values[order]
+        first = mx.concatenate([mx.array([True]), ids[1:] != ids[:-1]])
+        if first.all().item():  # no index repeats
+            return RowSparseGrad(ids, values, self.num_rows)
+        row_of = mx.cumsum(first.astype(mx.int32)) - 1  # each sorted entry's unique row
+        count = row_of[-1].item() + 1
+        rows = mx.zeros((count,), ids.dtype).at[row_of].maximum(ids)  # ids >= 0, equal per row
+        summed = mx.zeros((count, *values.shape[1:]), values.dtype).at[row_of].add(values)
+        return RowSparseGrad(rows, summed, self.num_rows)
 
     def to_dense(self) -> mx.array:
         """The full gradient (duplicates summed)."""
