@@ -141,10 +141,14 @@ def test_progress_bar_draws_on_a_terminal():
     (["compare", "--steps", "-5"], "expected a positive integer, got -5"),
     (["compare", "--steps", "0"], "expected a positive integer, got 0"),
     (["compare", "--out", "{file}/sub"], "cannot write to --out"),
+    (["compare", "--seed", "-1"], "expected a seed from 0 to 2**64 - 1, got -1"),
+    (["compare", "--seed", str(2**64)], f"expected a seed from 0 to 2**64 - 1, got {2**64}"),
+    (["compare", "--seed", "1.5"], "expected an integer seed, got '1.5'"),
     (["bench", "--only", "Adamm"], "unknown optimizer 'Adamm'"),
     (["bench", "--rounds", "0"], "expected a positive integer"),
     (["verify", "--only", "NotAnOptimizer"], "unknown optimizer or scheduler 'NotAnOptimizer'"),
     (["verify", "--dtypes", "float16"], "invalid choice: 'float16'"),
+    (["verify", "--only", "StepLR", "--no-schedulers"], "nothing to check"),
     ([], "required: COMMAND"),
 ])
 def test_bad_arguments_print_one_line_and_exit_2(argv, message, tmp_path, capsys):
@@ -153,6 +157,49 @@ def test_bad_arguments_print_one_line_and_exit_2(argv, message, tmp_path, capsys
     status, out, err = run_cli(argv, capsys)
     assert status == 2
     assert out == "" and err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_compare_takes_the_largest_seed(tmp_path, capsys):
+    status, out, err = run_cli(["compare", "--task", "curve", "--optimizers", "SGD", "--steps", "2",
+                                "--seed", str(2**64 - 1), "--out", str(tmp_path)], capsys)
+    assert status == 0 and "failed" not in out  # its batch key, seed + 1, wraps to 0
+    assert json.loads((tmp_path / "curve.json").read_text())["seed"] == 2**64 - 1
+
+
+@pytest.mark.parametrize("target, message", [
+    ("{dir}", "Is a directory"),
+    ("{file}/bench.json", "Not a directory"),
+    ("{dir}/missing/bench.json", "No such file or directory"),
+    ("{readonly}", "Permission denied"),
+])
+def test_bench_refuses_an_unwritable_json_before_measuring(target, message, tmp_path, capsys,
+                                                           monkeypatch):
+    import os
+
+    from mlx_optim.cli import bench
+
+    if target == "{readonly}" and os.geteuid() == 0:
+        pytest.skip("root writes to read-only files")
+    (tmp_path / "file").write_text("kept")
+    (tmp_path / "readonly").write_text("kept")
+    (tmp_path / "readonly").chmod(0o444)
+    monkeypatch.setattr(bench, "measure", lambda *a, **k: pytest.fail("measured first"))
+    target = target.format(dir=tmp_path, file=tmp_path / "file", readonly=tmp_path / "readonly")
+    status, out, err = run_cli(["bench", "--only", "SGD", "--rounds", "1", "--steps", "2",
+                                "--json", target], capsys)
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and f"cannot write --json {target}: {message}" in err
+    assert (tmp_path / "file").read_text() == "kept"
+
+
+def test_bench_json_probe_keeps_a_file_and_leaves_no_new_one(tmp_path):
+    from mlx_optim.cli.bench import writable_file
+
+    (tmp_path / "old.json").write_text("kept")
+    writable_file(str(tmp_path / "old.json"))
+    assert (tmp_path / "old.json").read_text() == "kept"  # probed without truncating
+    writable_file(str(tmp_path / "new.json"))
+    assert not (tmp_path / "new.json").exists()
 
 
 def test_the_installed_command_exits_2_without_traceback():

@@ -151,3 +151,18 @@ def test_malformed_gradients_change_nothing(case, bad):
         np.testing.assert_array_equal(a, b, err_msg=k)
     for (k, a), (_, b) in zip(_snapshot(params), before_params):
         np.testing.assert_array_equal(a, b, err_msg=k)
+
+
+def test_groups_may_overlap_on_parameters_that_are_never_updated():
+    # opt.update(model, grads) passes the whole model, frozen arrays included: the groups'
+    # check asks the selectors about them, but only updated parameters must be in one group.
+    import mlx.nn as nn
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    model.layers[0].freeze()
+    opt = mlx_optim.AdamW(learning_rate=1e-3, groups=[
+        {"params": "*.bias", "weight_decay": 0.0},
+        {"params": ["layers.0.*", "layers.1.weight"], "learning_rate": 1e-4}])
+    _, grads = nn.value_and_grad(model, lambda x: model(x).sum())(mx.ones((2, 4)))
+    opt.update(model, grads)
+    assert opt.state["param_state"]["layers"][1]["bias"]["step"].item() == 1

@@ -515,3 +515,24 @@ def test_multiplicative_after_a_milestone_continues_as_documented():
     schedule = S.SequentialLR([step, S.MultiplicativeLR(previous * lam(0), lam, total_steps=30)],
                               milestones=[10])
     np.testing.assert_allclose(ours(schedule, 0, 30), expected, rtol=RTOL, atol=0)
+
+
+def test_reduce_on_plateau_refuses_scheduled_rates_before_anything_changes():
+    # It sets numbers; a scheduled group could not take one once stepped (a compiled step
+    # holds the schedule), and finding out mid-reduction would leave groups half-cut.
+    from mlx_optim import SGD
+
+    params = {"w": mx.ones(2), "b": mx.ones(2)}
+    opt = SGD(learning_rate=0.1, groups=[{"params": "b", "learning_rate": S.StepLR(0.1, step_size=2)}])
+    with pytest.raises(ValueError, match=r"rate of group\(s\) \[1\].*is a schedule"):
+        S.ReduceLROnPlateau(opt, patience=0)
+    assert opt.attached == []
+    opt = SGD(learning_rate=0.1)
+    plateau = S.ReduceLROnPlateau(opt, patience=0)
+    plateau.step(1.0)
+    opt.learning_rate = S.StepLR(0.1, step_size=2)  # before the first step: allowed
+    before = plateau.state_dict()
+    with pytest.raises(ValueError, match="is a schedule"):
+        plateau.step(2.0)
+    assert plateau.state_dict() == before
+    opt.apply_gradients({"w": mx.ones(2)}, params)

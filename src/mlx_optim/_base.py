@@ -414,11 +414,14 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         self._init_slots(parameters)
 
     def check_groups_select(self, parameters: dict) -> None:
-        """Raise ``ValueError`` if a group selects no parameter of ``parameters``."""
+        """Raise ``ValueError`` if a group selects no parameter of ``parameters``.
+
+        Only asks the selectors: ``parameters`` may hold arrays this optimizer never
+        updates (a model's frozen ones), where two groups may well overlap."""
         if len(self._group_selectors) == 1:
             return
-        used = {self._group_of(_dotted(k), p) for k, p in _leaves(parameters)
-                if isinstance(p, mx.array)}
+        used = {i for keys, p in _leaves(parameters) if isinstance(p, mx.array)
+                for i, select in enumerate(self._group_selectors) if select and select(_dotted(keys), p)}
         unused = [i - 1 for i in range(1, len(self._group_selectors)) if i not in used]
         if unused:
             raise ValueError(f"groups {unused} select no parameter; check their 'params' selectors")
@@ -479,13 +482,18 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         self._state["step_classes"] = []
         for keys, slot in _slots(self._state["param_state"]):
             path = _dotted(keys)
-            scalars = tuple(sorted((k, v.item()) for k, v in slot.items() if v.ndim == 0))
-            big = next((v for v in slot.values() if v.ndim), slot["step"])
-            key = (self._group_cache.get(path, path), str(big.dtype), scalars)
+            key = self._step_set_key(path, slot)
             if key not in by_value:
                 by_value[key] = self._new_step_class(slot["step"])
             self._class_of[path] = by_value[key]
             slot["step"] = self._state["step_classes"][by_value[key]]
+
+    def _step_set_key(self, path: str, slot: dict) -> tuple:
+        """Slots with equal keys may share a step set: equal step and 0-d state, one group
+        (a parameter whose group is not known yet is alone) and one dtype."""
+        scalars = tuple(sorted((k, v.item()) for k, v in slot.items() if v.ndim == 0))
+        big = next((v for v in slot.values() if v.ndim), slot["step"])
+        return self._group_cache.get(path, path), str(big.dtype), scalars
 
     @property
     def state(self) -> dict:

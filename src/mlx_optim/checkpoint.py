@@ -761,8 +761,9 @@ def _export_group(opt: Any, path: str, keys: tuple, parameters: Any) -> int:
         except KeyError:
             raise ValueError(f"paths names {path!r}, which is not in parameters") from None
     if any(sel is not None and not isinstance(sel, _Glob) for sel in opt._group_selectors):
-        raise ValueError(f"this optimizer has never seen parameter {path!r} and selects groups "
-                         "with a predicate: pass parameters= so that it can be placed")
+        raise ValueError(f"the group of parameter {path!r} is not known to this optimizer (no "
+                         "init or step has placed it since it was built or loaded) and a "
+                         "predicate selects groups: pass parameters= so that it can be placed")
     hits = [i for i, sel in enumerate(opt._group_selectors) if sel and sel(path, None)]
     return hits[0] if hits else 0
 

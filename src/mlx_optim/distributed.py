@@ -526,22 +526,23 @@ class ShardedOptimizer(DataParallel):
                 path = ".".join(str(k) for k in keys)
                 if path in mine and holder[path] == r:
                     slots[path] = (keys, slot)
-        # Each parameter gets its own step class here; the optimizer merges equal ones
-        # again at its next step (speed only: the math is per parameter).
+        # Slots from several shards: step sets from their values (as the optimizer
+        # rebuilds them), so that the load keeps a step compiled before it right.
         param_state: dict = {}
-        classes, class_of = [], {}
+        classes, class_of, by_key = [], {}, {}
         for path in mine:
             keys, slot = slots[path]
-            slot = dict(slot)
-            class_of[path] = len(classes)
-            classes.append(slot["step"])
-            insert_slot(param_state, keys, slot)
+            key = self.optimizer._step_set_key(path, slot)
+            if key not in by_key:
+                by_key[key] = len(classes)
+                classes.append(slot["step"])
+            class_of[path] = by_key[key]
+            insert_slot(param_state, keys, dict(slot))
         merged = dict(shards[0])
         merged["state"] = {**shards[0]["state"], "param_state": param_state,
                            "step_classes": classes}
         merged["step_class_of"] = class_of
         checkpoint.load_state_dict(self.optimizer, merged)
-        self.optimizer._class_of = None  # rebuild the shared step sets from the values
 
     def _load_mlx(self, files, needed, holder, mine) -> None:
         owners = set(holder)

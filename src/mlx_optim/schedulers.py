@@ -44,6 +44,8 @@ from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 
+from ._base import is_schedule
+
 __all__ = [
     "Schedule", "LambdaLR", "MultiplicativeLR", "StepLR", "MultiStepLR", "ConstantLR",
     "LinearLR", "ExponentialLR", "SequentialLR", "CosineAnnealingLR", "ChainedScheduler",
@@ -896,8 +898,9 @@ class ReduceLROnPlateau:
 
     Differences: rates are read as floats from the optimizer; a float32 rate is rounded
     back to float32 when set, so a long run drifts from torch's float64 rates by float32
-    rounding. A group whose rate is a schedule cannot be reduced after the first step
-    (``ValueError``, see ``ParamGroup``): use this with constant rates, as in torch.
+    rounding. An optimizer of ours with a group whose rate is a schedule is refused
+    (``ValueError``): a compiled step holds the schedule, so a number could not replace
+    it; use this with constant rates, as in torch.
     """
 
     def __init__(self, optimizer: Any, mode: str = "min", factor: float = 0.1, patience: int = 10,
@@ -906,6 +909,7 @@ class ReduceLROnPlateau:
         if factor >= 1.0:
             raise ValueError(f"Factor should be < 1.0. (factor={factor})")
         self.optimizer = optimizer
+        _refuse_scheduled_rates(optimizer)
         groups = len(_rate_slots(optimizer))
         if isinstance(min_lr, (list, tuple)):
             if len(min_lr) != groups:
@@ -947,6 +951,7 @@ class ReduceLROnPlateau:
     def step(self, metric: Any) -> None:
         """Record one evaluation of the metric (a number or a 1-element array)."""
         current = float(metric.item() if isinstance(metric, mx.array) else metric)
+        _refuse_scheduled_rates(self.optimizer)  # (assigned since): before anything changes
         self.last_epoch += 1
         if self.is_better(current, self.best):
             self.best, self.num_bad_epochs = current, 0
@@ -1018,6 +1023,17 @@ class ReduceLROnPlateau:
                     for v in items if v is not None):
                 raise ValueError(f"ReduceLROnPlateau state {key!r} is {value!r}, expected "
                                  f"{' or '.join(k.__name__ for k in kinds)}")
+
+
+def _refuse_scheduled_rates(optimizer: Any) -> None:
+    """ReduceLROnPlateau sets numbers; a group of ours whose rate is a schedule cannot take
+    one once stepped (a compiled step holds the schedule), so such groups are refused."""
+    scheduled = [i for i, values in enumerate(getattr(optimizer, "_group_values", ()))
+                 if is_schedule(values.get("learning_rate"))]
+    if scheduled:
+        raise ValueError(f"ReduceLROnPlateau sets the learning rate, but the rate of group(s) "
+                         f"{scheduled} (0: the default group) is a schedule; use it with "
+                         "constant rates, as in torch")
 
 
 # What each saved ReduceLROnPlateau value may be (lists hold numbers).

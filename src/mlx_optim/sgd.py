@@ -57,9 +57,10 @@ class SGD(Optimizer):
     Differences: ``mlx.optimizers.SGD`` dampens the first momentum step and needs a
     learning rate; torch (and this class) copy the first gradient into the buffer.
     Whether momentum, dampening and weight decay are zero is fixed at construction; a
-    momentum set to 0 later (or scheduled through 0) skips the buffer as torch does. One
-    difference remains: with dampening, torch's buffer starts undamped at the first step
-    whose momentum is non-zero, ours at the first step.
+    momentum set to 0 later (or scheduled through 0) skips the buffer as torch does,
+    except that with ``nesterov`` it must stay positive (checked on assignment, where
+    torch checks only at construction). With dampening, torch's buffer starts undamped at
+    the first step whose momentum is non-zero, ours at the first step.
 
     Reference: Sutskever et al., "On the importance of initialization and momentum in
     deep learning", ICML 2013.

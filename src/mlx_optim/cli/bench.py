@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -216,10 +217,21 @@ def ratio_cell(ratio: float, spread: list[float]) -> str:
     return f"{ratio:.2f}x ({spread[0]:.2f}-{spread[1]:.2f})"
 
 
+def writable_file(text: str) -> None:
+    """Raise UsageError unless ``text`` can be opened for writing (not a directory, say)."""
+    existed = os.path.lexists(text)
+    try:
+        open(text, "a").close()  # append: an existing file keeps its content
+    except OSError as error:
+        raise UsageError(f"cannot write --json {text}: {error.strerror or error}") from None
+    if not existed:
+        os.remove(text)  # no empty file left behind if the run is interrupted
+
+
 def run(args: argparse.Namespace) -> int:
     check_names(args.only, list(PAIRS), "optimizer")
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise UsageError(f"cannot write --json {args.json}: no such directory")
+    if args.json:
+        writable_file(args.json)  # refuse before minutes of measuring, not after
     try:
         import torch
 

@@ -116,8 +116,9 @@ def train(task: Task, name: str, steps: int, seed: int, compiled: bool, progress
     model = task.make_model()
     opt, recipe, peak, schedule = build(name, task.name, steps, model)
     x, y = task.train
+    # the same batches for every optimizer; wrap so the largest seed stays a valid key
     batches = mx.random.randint(0, x.shape[0], (steps, task.batch_size or 1),
-                                key=mx.random.key(seed + 1))  # the same batches for every optimizer
+                                key=mx.random.key((seed + 1) % SEEDS))
     full_batch = recipe.full_batch or task.batch_size is None
     loss_and_grad = nn.value_and_grad(model, task.loss)
     losses = []
@@ -219,6 +220,20 @@ def table(report: dict) -> str:
     return format_table(header, rows, right={2, 3, 4, 5, 6, 7, 8})
 
 
+SEEDS = 2**64  # mx.random.key and mx.random.seed take an unsigned 64-bit integer
+
+
+def seed_type(text: str) -> int:
+    """An argparse type: an integer 0 <= seed < 2**64, checked here rather than in mlx."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < SEEDS:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2**64 - 1, got {value}")
+    return value
+
+
 def writable_dir(text: str) -> Path:
     path = Path(text)
     try:
@@ -292,8 +307,8 @@ def add_parser(commands) -> None:
                              "default: a set chosen for the task")
     parser.add_argument("--steps", type=positive_int,
                         help="training steps; default: per task (digits 300, chars 400, curve 200)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the data, initial weights and batches (default 0)")
+    parser.add_argument("--seed", type=seed_type, default=0,
+                        help="seed of the data, initial weights and batches: 0 to 2**64 - 1 (default 0)")
     parser.add_argument("--out", default="out/compare", metavar="DIR",
                         help="directory for <task>.json and <task>.png (default out/compare)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,

@@ -150,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
     jobs = optimizer_jobs(args.only, args.dtypes, args.modes, args.steps)
     if args.schedulers:
         jobs += scheduler_jobs(args.only, args.dtypes, args.modes)
+    if not jobs:  # else "0 checks, 0 failed" and exit 0 would read as a pass
+        raise UsageError("nothing to check: --only names no optimizer, and --no-schedulers "
+                         "leaves out the schedulers it names")
     progress = Progress(total=len(jobs))
     checks = []
     for done, (label, job) in enumerate(jobs, 1):
