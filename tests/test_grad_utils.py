@@ -165,3 +165,152 @@ def test_skip_non_finite_leaves_everything_and_counts(name, compiled):
     assert opt.state["step"].item() == reference.state["step"].item() == 4
     for (path, a), (_, b) in zip(tree_flatten(params), tree_flatten(ref_params)):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6, atol=1e-7, err_msg=path)
+
+
+# ------------------------------------------------------------------ low precision, row-sparse
+def _torch_clip_typed(arrays, dtypes, max_norm, norm_type):
+    params = [torch.zeros(a.shape, dtype=d, requires_grad=True) for a, d in zip(arrays, dtypes)]
+    for p, a in zip(params, arrays):
+        p.grad = torch.tensor(a).to(p.dtype)
+    total = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+    return [p.grad for p in params], total
+
+
+_TORCH_DTYPE = {mx.bfloat16: torch.bfloat16, mx.float16: torch.float16, mx.float32: torch.float32}
+
+
+@pytest.mark.parametrize("dtypes", [(mx.bfloat16,) * 3, (mx.float16,) * 3,
+                                    (mx.bfloat16, mx.float32, mx.float16)])
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 0.0, 3.0])
+def test_clip_grad_norm_of_low_precision_gradients_equals_torch_bitwise(dtypes, norm_type):
+    # torch rounds each array's norm, and the total, to the gradients' dtype (bfloat16:
+    # 12.5, not the float32 12.53), and divides as reciprocal * max_norm.
+    for seed in range(4):
+        tree, arrays = _grads(scale=3.0, seed=seed)
+        tree = {"a": tree["a"].astype(dtypes[0]), "blocks": [{"w": tree["blocks"][0]["w"].astype(dtypes[1])},
+                                                            {"w": tree["blocks"][1]["w"].astype(dtypes[2])}]}
+        clipped, total = clip_grad_norm(tree, 1.0, norm_type)
+        expected, expected_total = _torch_clip_typed(arrays, [_TORCH_DTYPE[d] for d in dtypes], 1.0, norm_type)
+        assert str(total.dtype).split(".")[-1] == str(expected_total.dtype).split(".")[-1]
+        assert total.item() == expected_total.item()
+        assert grad_norm(tree, norm_type).item() == expected_total.item()
+        for (path, g), e in zip(tree_flatten(clipped), expected):
+            assert g.dtype == tree_flatten(tree)[[p for p, _ in tree_flatten(tree)].index(path)][1].dtype
+            np.testing.assert_array_equal(np.array(g.astype(mx.float32)), e.float().numpy(), err_msg=path)
+    assert grad_norm({"w": mx.array([3.0, 4.0], mx.bfloat16)}).dtype == mx.bfloat16
+
+
+def _row_sparse():
+    # Row 2 named twice (summed: [4, -1]), row 0 once; rows 1, 3, 4 untouched (zero).
+    return mlx_optim.RowSparseGrad(mx.array([2, 0, 2]), mx.array([[3.0, -2.0], [0.5, 6.0], [1.0, 1.0]]), 5)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, -math.inf, 0.0, 0.5, -1.0])
+def test_clip_grad_norm_takes_row_sparse_gradients_as_their_dense_gradient(norm_type):
+    sparse, dense_b = _row_sparse(), np.array([2.0, -7.0], np.float32)
+    clipped, total = clip_grad_norm({"e": sparse, "b": mx.array(dense_b)}, 1.0, norm_type)
+    expected, expected_total = _torch_clip([np.array(sparse.to_dense()), dense_b],
+                                           torch.nn.utils.clip_grad_norm_, 1.0, norm_type)
+    np.testing.assert_allclose(total.item(), expected_total.item(), rtol=1e-6)
+    assert isinstance(clipped["e"], mlx_optim.RowSparseGrad)
+    assert clipped["e"].indices.tolist() == [0, 2]  # coalesced
+    np.testing.assert_allclose(np.array(clipped["e"].to_dense()), expected[0], rtol=1e-6)
+    np.testing.assert_allclose(np.array(clipped["b"]), expected[1], rtol=1e-6)
+    assert grad_norm({"e": sparse, "b": mx.array(dense_b)}, norm_type).item() == total.item()
+
+
+def test_clip_grad_value_clamps_a_row_sparse_gradient_as_its_dense_gradient():
+    sparse = _row_sparse()
+    clipped = clip_grad_value({"e": sparse}, 3.5)["e"]
+    expected, _ = _torch_clip([np.array(sparse.to_dense())], torch.nn.utils.clip_grad_value_, 3.5)
+    assert isinstance(clipped, mlx_optim.RowSparseGrad) and clipped.indices.tolist() == [0, 2]
+    np.testing.assert_array_equal(np.array(clipped.to_dense()), expected[0])  # row 2: [3.5, -1]
+    with pytest.raises(ValueError, match="'e'.*>= 0"):  # would fill the untouched rows
+        clip_grad_value({"e": sparse}, -1.0)
+    with pytest.raises(TypeError, match="'w' must be an mx.array"):
+        clip_grad_norm({"w": "x"}, 1.0)
+
+
+# --------------------------------------------------------------- accumulation failures
+class _FailsOnce:
+    """An optimizer whose first step raises (as a step with a bad group or parameter does)."""
+
+    def __init__(self, optimizer):
+        self.optimizer, self.failed = optimizer, False
+
+    def apply_gradients(self, gradients, parameters):
+        if not self.failed:
+            self.failed = True
+            raise ValueError("step failed")
+        return self.optimizer.apply_gradients(gradients, parameters)
+
+
+def test_accumulator_keeps_the_micro_batches_when_the_step_fails():
+    params = {"w": mx.array([1.0, 2.0])}
+    acc = GradientAccumulator(_FailsOnce(mlx_optim.SGD(learning_rate=0.5)), steps=2)
+    acc.apply_gradients({"w": mx.array([2.0, 4.0])}, params)
+    with pytest.raises(ValueError, match="step failed"):
+        acc.apply_gradients({"w": mx.array([6.0, 8.0])}, params)
+    assert acc.pending == 1  # the failed call added nothing, lost nothing
+    assert acc._sum["w"].tolist() == [2.0, 4.0]
+    new = acc.apply_gradients({"w": mx.array([6.0, 8.0])}, params)  # mean [4, 6]
+    assert new["w"].tolist() == [1.0 - 0.5 * 4.0, 2.0 - 0.5 * 6.0]
+    assert acc.pending == 0 and acc._sum is None
+
+
+def test_accumulator_rejects_mismatched_micro_batches_and_changes_nothing():
+    params = {"w": mx.zeros((4,)), "b": mx.zeros((2,))}
+    acc = GradientAccumulator(mlx_optim.SGD(learning_rate=1.0), steps=3)
+    with pytest.raises(ValueError, match=r"'w' has shape \(1,\), the parameter has shape \(4,\)"):
+        acc.apply_gradients({"w": mx.ones((1,)), "b": mx.ones((2,))}, params)  # would broadcast
+    assert acc.pending == 0 and acc._sum is None
+    acc.apply_gradients({"w": mx.ones((4,)), "b": mx.ones((2,))}, params)
+    bad = [({"w": mx.ones((4,), mx.float16), "b": mx.ones((2,))}, r"'w' is \(4,\) mlx.core.float16"),
+           ({"w": mx.ones((4,))}, "same parameters"),
+           ({"w": mx.ones((4,)), "b": mx.ones((2,)), "c": mx.ones((1,))}, "unknown parameter 'c'")]
+    for grads, match in bad:
+        with pytest.raises(ValueError, match=match):
+            acc.apply_gradients(grads, params)
+        assert acc.pending == 1 and acc._sum["w"].tolist() == [1.0] * 4
+    acc.apply_gradients({"w": mx.full((4,), 2.0), "b": mx.ones((2,))}, params)
+    new = acc.apply_gradients({"w": mx.full((4,), 3.0), "b": mx.ones((2,))}, params)
+    assert new["w"].tolist() == [-2.0] * 4 and new["b"].tolist() == [-1.0] * 2
+
+
+# ------------------------------------------------------------------- skipping failures
+def test_failed_skip_non_finite_call_changes_no_state():
+    model, _, _ = _model_and_data()
+    opt = mlx_optim.Adam()
+    guard = SkipNonFinite(opt)
+    before = _state_arrays(opt)
+    with pytest.raises(ValueError, match=r"'layers.0.weight' has shape \(3, 3\)"):
+        guard.update(model, {"layers": [{"weight": mx.zeros((3, 3))}]})
+    assert not opt._initialized
+    after = _state_arrays(opt)
+    assert [p for p, _ in after] == [p for p, _ in before]  # no slot was created
+    assert guard.state["skipped"].item() == 0
+
+
+def test_skip_non_finite_checks_groups_against_the_parameters_not_the_gradients():
+    params = {"a": mx.ones((3,)), "b": mx.ones((3,))}
+    plain = mlx_optim.SGD(0.1, groups=[{"params": "b", "learning_rate": 0.01}])
+    guarded = mlx_optim.SGD(0.1, groups=[{"params": "b", "learning_rate": 0.01}])
+    expected = plain.apply_gradients({"a": mx.ones((3,))}, params)
+    got = SkipNonFinite(guarded).apply_gradients({"a": mx.ones((3,))}, params)  # was: ValueError
+    assert got["a"].tolist() == expected["a"].tolist() == pytest.approx([0.9] * 3)
+    got = SkipNonFinite(guarded).apply_gradients({"b": mx.ones((3,))}, params)
+    assert got["b"].tolist() == pytest.approx([0.99] * 3)  # the group's rate
+    with pytest.raises(ValueError, match=r"groups \[0\] select no parameter"):
+        SkipNonFinite(mlx_optim.SGD(0.1, groups=[{"params": "typo"}])).apply_gradients(
+            {"a": mx.ones((3,))}, params)
+
+
+def test_clip_grad_norm_coefficient_rounds_as_torch():
+    # torch's `max_norm / (norm + 1e-6)` is `reciprocal(norm + 1e-6) * max_norm`: two
+    # roundings, which true division misses by an ulp for some max_norm (norm 5 exactly).
+    arrays = [np.array([3.0, 4.0], np.float32), np.array([0.0], np.float32)]
+    for max_norm in np.linspace(0.1, 4.9, 40).tolist():
+        clipped, total = clip_grad_norm({"a": mx.array(arrays[0]), "b": mx.array(arrays[1])}, max_norm)
+        expected, expected_total = _torch_clip(arrays, torch.nn.utils.clip_grad_norm_, max_norm)
+        assert total.item() == expected_total.item() == 5.0
+        np.testing.assert_array_equal(np.array(clipped["a"]), expected[0], err_msg=str(max_norm))

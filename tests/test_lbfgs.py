@@ -477,3 +477,29 @@ def test_runtime_needs_no_numpy():
             "assert mlx_optim.minimize(lambda v: mx.abs(v).sum(), mx.array([5.0, -7.0])).success\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_minimize_converts_array_like_x0():
+    # numpy arrays, numpy and Python numbers are converted; a numpy float64 stays float64
+    # (mx.array alone would make it float32); a list is a tree node.
+    quadratic = lambda v: mx.sum((v - 3.0) ** 2)  # noqa: E731
+    for x0, dtype in [(np.array([-1.2, 1.0]), mx.float64), (np.array([1.0], np.float32), mx.float32),
+                      (np.float64(2.0), mx.float64), (1.5, mx.float32)]:
+        result = minimize(quadratic, x0)
+        assert result.success and result.x.dtype == dtype and result.grad.dtype == dtype
+        assert result.x.shape == np.shape(x0)
+        np.testing.assert_allclose(np.array(result.x), np.full(np.shape(x0), 3.0), rtol=1e-6)
+    result = minimize(lambda v: (v[0][0] - 3.0) ** 2 + (v[0][1] + 1.0) ** 2, [[1.0, 2.0]])
+    assert isinstance(result.x, list) and isinstance(result.x[0], list)
+    assert [x.item() for x in result.x[0]] == pytest.approx([3.0, -1.0])
+
+
+@pytest.mark.parametrize("x0, match", [
+    (mx.array([0, 0]), "x0 must be floating point, got mlx.core.int32"),
+    (np.array([1, 2]), "x0 must be floating point, got mlx.core.int64"),
+    ({"a": mx.ones(2), "b": 1}, "x0 leaf 'b' must be floating point"),
+    ({"a": "x"}, "x0 leaf 'a' must be an array"),
+])
+def test_minimize_rejects_non_floating_x0(x0, match):
+    with pytest.raises(TypeError, match=match):
+        minimize(lambda v: mx.sum(v), x0)

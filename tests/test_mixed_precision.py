@@ -118,3 +118,44 @@ def test_float32_state_for_bf16_parameters(name):
     assert moments and all(v.dtype == mx.float32 for v in moments.values())
     plain = runs[None][1].state["param_state"]["layer"]["weight"]
     assert all(plain[k].dtype == mx.bfloat16 for k in moments)
+
+
+def test_row_sparse_gradients_update_their_master_rows():
+    # A bf16 embedding table with a RowSparseGrad (embedding_value_and_grad's): the float32
+    # master moves exactly as a float32 table given the float32 gradient would.
+    rng = np.random.default_rng(0)
+    table = mx.array(rng.standard_normal((6, 3)).astype(np.float32)).astype(mx.bfloat16)
+    values = mx.array(rng.standard_normal((3, 3)).astype(np.float32)).astype(mx.bfloat16)
+    grad = mlx_optim.RowSparseGrad(mx.array([4, 1, 4]), values, 6)
+    mp = MasterWeights(mlx_optim.SparseAdam(learning_rate=0.1))
+    mp.init({"emb": table})
+    reference = mlx_optim.SparseAdam(learning_rate=0.1)
+    master = {"emb": table.astype(mx.float32)}
+    params = {"emb": table}
+    for _ in range(2):
+        params = mp.apply_gradients({"emb": grad}, params)
+        master = reference.apply_gradients(
+            {"emb": mlx_optim.RowSparseGrad(grad.indices, values.astype(mx.float32), 6)}, master)
+    assert params["emb"].dtype == mx.bfloat16
+    np.testing.assert_array_equal(np.array(mp.state["master"]["emb"]), np.array(master["emb"]))
+    np.testing.assert_array_equal(np.array(params["emb"].astype(mx.float32)),
+                                  np.array(master["emb"].astype(mx.bfloat16).astype(mx.float32)))
+    moved = np.abs(np.array(params["emb"].astype(mx.float32)) - np.array(table.astype(mx.float32))).sum(1)
+    assert (moved[[1, 4]] > 0).all() and (moved[[0, 2, 3, 5]] == 0).all()  # the named rows only
+
+
+def test_failed_step_changes_neither_masters_nor_state():
+    params = {"w": mx.ones(2, mx.bfloat16)}
+    opt = mlx_optim.Adam(learning_rate=0.1)
+    mp = MasterWeights(opt)
+    mp.init(params)
+    before = [np.array(v) for _, v in tree_flatten([opt.state, mp.state])]
+    # The masters hold "w" and "extra", the parameters given only "w".
+    mp.state["master"]["extra"] = mx.zeros(1)
+    with pytest.raises(ValueError, match="'extra'"):
+        mp.apply_gradients({"w": mx.ones(2), "extra": mx.ones(1)}, params)
+    del mp.state["master"]["extra"]
+    with pytest.raises(TypeError, match="'w' must be an mx.array"):
+        mp.apply_gradients({"w": "x"}, params)
+    after = [np.array(v) for _, v in tree_flatten([opt.state, mp.state])]
+    assert len(after) == len(before) and all(np.array_equal(a, b) for a, b in zip(after, before))

@@ -41,7 +41,7 @@ import mlx.optimizers as mlx_optimizers
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ._base import Optimizer, _slots, insert_slot
-from .grad_utils import grad_norm
+from .grad_utils import clip_grad_norm  # torch's, as the wrappers' max_grad_norm applies it
 from .sparse import RowSparseGrad
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb
@@ -179,23 +179,6 @@ def bucketed_all_sum(arrays: list[mx.array], group: mx.distributed.Group,
             out[i] = summed[offset:offset + size].reshape(arrays[i].shape)
             offset += size
     return out
-
-
-def clip_grad_norm(grads: dict[str, Any], max_norm: float) -> tuple[dict[str, Any], mx.array]:
-    """Scale ``grads`` so their global L2 norm is at most ``max_norm``, as torch's
-    ``clip_grad_norm_``: ``coef = min(1, max_norm / (norm + 1e-6))``, always applied.
-    The norm is :func:`mlx_optim.grad_utils.grad_norm`'s (float64 if any gradient is,
-    else float32); a :class:`RowSparseGrad` counts as its dense gradient (repeated rows
-    summed, which evaluates its indices: eager only).
-
-    Returns the clipped gradients and the norm before clipping.
-    """
-    dense = {k: g.coalesce().values if isinstance(g, RowSparseGrad) else g for k, g in grads.items()}
-    total = grad_norm(list(dense.values()))
-    coef = mx.minimum(max_norm / (total + 1e-6), 1.0)
-    return {k: RowSparseGrad(g.indices, g.values * coef.astype(g.dtype), g.num_rows)
-            if isinstance(g, RowSparseGrad) else g * coef.astype(g.dtype)
-            for k, g in grads.items()}, total
 
 
 def partition_parameters(sizes: dict[str, int], world_size: int) -> dict[str, int]:

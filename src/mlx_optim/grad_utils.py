@@ -20,9 +20,9 @@ from ._base import _leaves, _lookup, _rebuild_missing, _slots, _dotted
 from .sparse import RowSparseGrad
 
 
-def _norm_dtype(arrays: list[mx.array]) -> mx.Dtype:
-    # Norms of low-precision gradients are accumulated in float32 (as torch's CPU kernels).
-    return mx.float64 if any(a.dtype == mx.float64 for a in arrays) else mx.float32
+def _accumulation_dtype(dtype: mx.Dtype) -> mx.Dtype:
+    # As torch: norms of low-precision gradients are accumulated in float32.
+    return mx.float64 if dtype == mx.float64 else mx.float32
 
 
 def _vector_norm(x: mx.array, norm_type: float) -> mx.array:
@@ -41,33 +41,84 @@ def _vector_norm(x: mx.array, norm_type: float) -> mx.array:
     return mx.power(mx.sum(mx.power(x, norm_type)), 1.0 / norm_type)
 
 
+def _rounded_norm(x: mx.array, norm_type: float, dtype: mx.Dtype) -> mx.array:
+    """torch's vector_norm of ``x`` in ``dtype``: accumulated in float32 (float64 for float64),
+    the result rounded to ``dtype`` (a bfloat16 gradient has a bfloat16 norm)."""
+    norm = _vector_norm(x.astype(_accumulation_dtype(dtype)), norm_type)
+    return norm.astype(dtype) if mx.issubdtype(dtype, mx.floating) else norm
+
+
+def _check_leaves(grads: Any) -> list[tuple[str, Any]]:
+    named = tree_flatten(grads)
+    for path, g in named:
+        if not isinstance(g, (mx.array, RowSparseGrad)):
+            raise TypeError(f"gradient {path!r} must be an mx.array or a RowSparseGrad, "
+                            f"got {type(g).__name__}")
+    return named
+
+
+def _coalesce(g: Any) -> Any:
+    return g.coalesce() if isinstance(g, RowSparseGrad) else g
+
+
+def _elements(g: Any) -> mx.array:
+    """The elements whose norm is ``g``'s. A (coalesced) RowSparseGrad: its values, plus one
+    zero standing for its untouched rows (it changes only a min: norm_type < 0)."""
+    if not isinstance(g, RowSparseGrad):
+        return g
+    values = g.values.reshape(-1)
+    if g.indices.size < g.num_rows and math.prod(g.values.shape[1:]) > 0:
+        values = mx.concatenate([values, mx.zeros((1,), values.dtype)])
+    return values
+
+
+def _total_norm(arrays: list, norm_type: float) -> mx.array:
+    """torch's total norm of ``arrays`` (RowSparseGrads coalesced): the norm of the
+    per-array norms, each in its array's dtype; the total in their common dtype."""
+    if not arrays:
+        return mx.array(0.0)
+    norms = [_rounded_norm(_elements(g), norm_type, g.dtype) for g in arrays]
+    dtypes = {n.dtype for n in norms}  # torch.stack promotes: mixed floats -> float32/64
+    dtype = dtypes.pop() if len(dtypes) == 1 else (mx.float64 if mx.float64 in dtypes else mx.float32)
+    stacked = mx.stack([n.astype(_accumulation_dtype(dtype)) for n in norms])
+    return _rounded_norm(stacked, norm_type, dtype)
+
+
 def grad_norm(grads: Any, norm_type: float = 2.0) -> mx.array:
-    """The total ``norm_type``-norm of all gradients, as torch: the norm of the per-array norms.
+    """The total ``norm_type``-norm of all gradients, as torch's ``get_total_norm``: the norm
+    of the per-array norms.
+
+    As torch, each array's norm is accumulated in float32 (float64 for float64) and rounded
+    to the array's dtype; the total is in the arrays' common dtype (bfloat16 gradients: a
+    bfloat16 norm; mixed float dtypes: float32, or float64 if any is). A
+    :class:`~mlx_optim.RowSparseGrad` counts as its dense gradient (repeated rows summed,
+    which evaluates its indices: eager only).
 
     Args:
-        grads: a tree of gradient arrays.
+        grads: a tree of gradient arrays (or RowSparseGrads).
         norm_type: ``p`` of the p-norm; ``math.inf`` for the max-norm.
 
     Example:
         >>> grad_norm({"w": mx.array([3.0, 4.0])}).item()
         5.0
     """
-    arrays = [g for _, g in tree_flatten(grads)]
-    if not arrays:
-        return mx.array(0.0)
-    dtype = _norm_dtype(arrays)
-    norms = mx.stack([_vector_norm(g.astype(dtype), float(norm_type)) for g in arrays])
-    return _vector_norm(norms, float(norm_type))
+    arrays = [_coalesce(g) for _, g in _check_leaves(grads)]
+    return _total_norm(arrays, float(norm_type))
 
 
 def clip_grad_norm(grads: Any, max_norm: float, norm_type: float = 2.0,
                    error_if_nonfinite: bool = False) -> tuple[Any, mx.array]:
     """Scale ``grads`` so their total norm is at most ``max_norm``: ``torch.nn.utils.clip_grad_norm_``.
 
-    Every gradient is multiplied by ``min(max_norm / (total_norm + 1e-6), 1)``.
+    Every gradient is multiplied by ``min(max_norm / (total_norm + 1e-6), 1)``, computed as
+    torch computes it: in ``total_norm``'s dtype (that of :func:`grad_norm`: bfloat16 for
+    bfloat16 gradients), the division as ``reciprocal(total_norm + 1e-6) * max_norm``, the
+    coefficient then rounded to each gradient's dtype.
 
     Args:
-        grads: a tree of gradient arrays (not modified: a new tree is returned).
+        grads: a tree of gradient arrays (not modified: a new tree is returned). A
+            :class:`~mlx_optim.RowSparseGrad` counts as its dense gradient and comes back
+            coalesced, its values scaled (evaluates its indices: eager only).
         max_norm: the largest total norm allowed.
         norm_type: ``p`` of the p-norm (``math.inf`` for the max-norm). Default: ``2.0``.
         error_if_nonfinite: raise ``RuntimeError`` (torch's message) if the total norm is NaN
@@ -81,25 +132,58 @@ def clip_grad_norm(grads: Any, max_norm: float, norm_type: float = 2.0,
         >>> grads, norm = clip_grad_norm({"w": mx.array([3.0, 4.0])}, max_norm=1.0)
         >>> norm.item(), grads["w"].tolist()  # ~[0.6, 0.8]
     """
-    total = grad_norm(grads, norm_type)
+    _check_leaves(grads)
+    grads = tree_map(_coalesce, grads)
+    total = _total_norm([g for _, g in tree_flatten(grads)], float(norm_type))
     if error_if_nonfinite and not math.isfinite(total.item()):
         raise RuntimeError(
             f"The total norm of order {float(norm_type)} for gradients from `parameters` is "
             "non-finite, so it cannot be clipped. To disable this error and scale the gradients "
             "by the non-finite norm anyway, set `error_if_nonfinite=False`")
-    coef = mx.minimum(max_norm / (total + 1e-6), 1.0)
-    return tree_map(lambda g: g * coef.astype(g.dtype), grads), total
+    # torch's `max_norm / t` is `t.reciprocal() * max_norm` (Tensor.__rdiv__): two roundings.
+    coef = mx.minimum(mx.reciprocal(total + 1e-6) * max_norm, 1.0)
+
+    def scale(g: Any) -> Any:
+        if isinstance(g, RowSparseGrad):
+            return RowSparseGrad(g.indices, _times(g.values, coef), g.num_rows)
+        return _times(g, coef)
+
+    return tree_map(scale, grads), total
+
+
+def _times(x: mx.array, coef: mx.array) -> mx.array:
+    """``x * coef`` as torch's ``x.mul_(coef)`` with a 0-d ``coef``: the product taken in
+    float32 (float64 for float64; ``coef`` not rounded to a low-precision ``x``'s dtype
+    first), then rounded to ``x``'s dtype."""
+    acc = _accumulation_dtype(x.dtype)
+    if x.dtype == acc or coef.dtype == x.dtype:
+        return x * coef.astype(x.dtype)
+    return (x.astype(acc) * coef.astype(acc)).astype(x.dtype)
 
 
 def clip_grad_value(grads: Any, clip_value: float) -> Any:
     """Clamp every gradient element to ``[-clip_value, clip_value]``: ``clip_grad_value_``.
+
+    A :class:`~mlx_optim.RowSparseGrad` comes back coalesced with its values clamped (its
+    untouched rows are zero, which the clamp keeps), so ``clip_value`` must then be >= 0.
 
     Example:
         >>> clip_grad_value({"w": mx.array([-3.0, 0.5])}, 1.0)["w"].tolist()
         [-1.0, 0.5]
     """
     clip_value = float(clip_value)
-    return tree_map(lambda g: mx.clip(g, -clip_value, clip_value), grads)
+    for path, g in _check_leaves(grads):
+        if isinstance(g, RowSparseGrad) and not clip_value >= 0:
+            raise ValueError(f"clip_value {clip_value} would fill the untouched rows of the "
+                             f"RowSparseGrad {path!r}; it must be >= 0 for row-sparse gradients")
+
+    def clip(g: Any) -> Any:
+        if isinstance(g, RowSparseGrad):
+            g = g.coalesce()  # a repeated row is clamped as the sum dense clamping sees
+            return RowSparseGrad(g.indices, mx.clip(g.values, -clip_value, clip_value), g.num_rows)
+        return mx.clip(g, -clip_value, clip_value)
+
+    return tree_map(clip, grads)
 
 
 class GradientAccumulator:
@@ -139,22 +223,45 @@ class GradientAccumulator:
         Returns the updated parameters (structure of ``gradients``); between steps, the
         parameters as they are.
         """
-        for path, g in tree_flatten(gradients):
+        self._check(gradients, parameters)
+        total = gradients if self._sum is None else tree_map(lambda a, b: a + b, self._sum, gradients)
+        if self.pending + 1 < self.steps:
+            current = tree_map(lambda _, keys: _lookup(parameters, keys), gradients,
+                               _key_tree(gradients))
+            self._sum, self.pending = total, self.pending + 1
+            return current
+        mean = tree_map(lambda s: s / self.steps, total)
+        # Reset only once the step succeeded: a failed step keeps the micro-batches before
+        # this call (and leaves this one out), so a corrected call can still complete it.
+        new = self.optimizer.apply_gradients(mean, parameters)
+        self.reset()
+        return new
+
+    def _check(self, gradients: Any, parameters: Any) -> None:
+        """Raise before anything changes: each gradient a dense array shaped as its
+        parameter and, after the first micro-batch, as the sum (shape and dtype), which
+        names the same parameters (``+`` would broadcast or promote silently)."""
+        sums = None if self._sum is None else {_dotted(k): s for k, s in _leaves(self._sum)}
+        paths = set()
+        for keys, g in _leaves(gradients):
+            path = _dotted(keys)
+            paths.add(path)
             if not isinstance(g, mx.array):
                 raise TypeError(f"GradientAccumulator takes dense mx.array gradients ({path!r})")
-        if self._sum is None:
-            self._sum = gradients
-        else:
-            if [p for p, _ in tree_flatten(self._sum)] != [p for p, _ in tree_flatten(gradients)]:
-                raise ValueError("every micro-batch must give gradients for the same parameters")
-            self._sum = tree_map(lambda a, b: a + b, self._sum, gradients)
-        self.pending += 1
-        if self.pending < self.steps:
-            return tree_map(lambda _, keys: _lookup(parameters, keys), gradients,
-                            _key_tree(gradients))
-        mean = tree_map(lambda s: s / self.steps, self._sum)
-        self.reset()
-        return self.optimizer.apply_gradients(mean, parameters)
+            try:
+                param = _lookup(parameters, keys)
+            except KeyError:
+                raise ValueError(f"gradient for unknown parameter {path!r}") from None
+            if not isinstance(param, mx.array) or param.shape != g.shape:
+                raise ValueError(f"gradient for {path!r} has shape {tuple(g.shape)}, the "
+                                 f"parameter {_describe(param)}")
+            s = None if sums is None else sums.get(path)
+            if s is not None and (s.shape != g.shape or s.dtype != g.dtype):
+                raise ValueError(f"gradient for {path!r} is {tuple(g.shape)} {g.dtype}, the "
+                                 f"earlier micro-batches' {tuple(s.shape)} {s.dtype}")
+        if sums is not None and paths != set(sums):
+            raise ValueError("every micro-batch must give gradients for the same parameters "
+                             f"(differing: {sorted(paths ^ set(sums))})")
 
     def update(self, model: Any, gradients: Any) -> None:
         """As ``optimizer.update``: accumulate, and update ``model`` on every ``steps``-th call."""
@@ -162,6 +269,12 @@ class GradientAccumulator:
         new = self.apply_gradients(gradients, model)
         if stepping:
             model.update(new)
+
+
+def _describe(param: Any) -> str:
+    if isinstance(param, mx.array):
+        return f"has shape {tuple(param.shape)}"
+    return "is not an array"
 
 
 def _key_tree(tree: Any, prefix: tuple = ()) -> Any:
@@ -202,15 +315,19 @@ class SkipNonFinite:
 
     def apply_gradients(self, gradients: Any, parameters: Any) -> Any:
         opt = self.optimizer
-        values = [g.values if isinstance(g, RowSparseGrad) else g for _, g in _leaves(gradients)]
+        # Validate as the optimizer will, before any state is created: a failed call
+        # changes nothing. Groups are checked against the parameters, not the (possibly
+        # partial) gradient tree, as the optimizer's own step does.
+        pairs = opt._check_gradients(gradients, parameters)
+        if not opt._initialized:
+            opt.check_groups_select(parameters)
         finite = mx.array(True)
-        for g in values:
-            finite = finite & mx.all(mx.isfinite(g))
+        for _, g, _ in pairs:
+            finite = finite & mx.all(mx.isfinite(g.values if isinstance(g, RowSparseGrad) else g))
         # Every slot exists before the snapshot, so each new state array has an old value.
-        wanted = [(keys, _lookup(parameters, keys)) for keys, _ in _leaves(gradients)]
-        opt.init(_rebuild_missing(wanted))
+        opt._init_slots(_rebuild_missing([(keys, param) for keys, _, param in pairs]))
         old = {k: v for k, v in _leaves(opt.state) if isinstance(v, mx.array)}
-        old_params = [p for _, p in wanted]
+        old_params = [param for _, _, param in pairs]
         new_params = opt.apply_gradients(gradients, parameters)
         self._select(opt.state, old, finite)
         # Slots and step_classes share step arrays: restore the sharing after selecting.

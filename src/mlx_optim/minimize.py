@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import mlx.core as mx
+from mlx.utils import tree_map_with_path
 
 from .lbfgs import CONVERGED, LBFGS, _ravel
 
@@ -14,7 +15,7 @@ from .lbfgs import CONVERGED, LBFGS, _ravel
 class OptimizeResult:
     """What :func:`minimize` found, named as scipy names it (``grad`` is scipy's ``jac``)."""
 
-    x: Any  # same structure, shapes and dtypes as x0
+    x: Any  # x0's structure; each leaf an mx.array of that leaf's shape and dtype (as converted)
     fun: float
     grad: Any  # same structure as x
     nit: int
@@ -45,8 +46,13 @@ def minimize(fun: Callable[[Any], mx.array], x0: Any, *, max_iter: int = 15000,
 
     Args:
         fun: the objective; called with a tree shaped like ``x0``.
-        x0: starting point: an ``mx.array`` or a tree of them (use float64 on the CPU for
-            scientific accuracy; the dtype is kept).
+        x0: starting point: an ``mx.array`` or a tree (dicts, lists, tuples) of them (use
+            float64 on the CPU for scientific accuracy; the dtype is kept). A leaf that is
+            not an ``mx.array`` (a number, a numpy array) is converted with ``mx.array``,
+            except that a float64 array stays float64 (``mx.array`` would make it float32);
+            a Python float becomes float32, MLX's default. A list is a tree node, not a
+            vector: pass ``mx.array([...])`` for one. Leaves must be floating point (an
+            integer or bool leaf raises ``TypeError``).
         max_iter, max_eval, tolerance_grad, tolerance_change, history_size,
         line_search_fn: as in :class:`LBFGS`.
 
@@ -66,7 +72,7 @@ def minimize(fun: Callable[[Any], mx.array], x0: Any, *, max_iter: int = 15000,
     opt = LBFGS(learning_rate=1.0, max_iter=max_iter, max_eval=max_eval,
                 tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
                 history_size=history_size, line_search_fn=line_search_fn)
-    flat, unravel, ravel_like = _ravel(x0)
+    flat, unravel, ravel_like = _ravel(_as_arrays(x0))
 
     def evaluate(x: mx.array) -> tuple[mx.array, mx.array]:
         loss, grads = value_and_grad(unravel(x))
@@ -84,3 +90,25 @@ def minimize(fun: Callable[[Any], mx.array], x0: Any, *, max_iter: int = 15000,
     return OptimizeResult(x=unravel(x), fun=float(loss), grad=unravel(grad),
                           nit=opt.state["n_iter"], nfev=nfev,
                           success=status in CONVERGED, message=status)
+
+
+def _as_arrays(x0: Any) -> Any:
+    """``x0`` with each leaf an ``mx.array``; ``TypeError`` naming a leaf that cannot be one
+    or is not floating point (the gradient of an integer point is undefined)."""
+
+    def convert(path: str, leaf: Any) -> mx.array:
+        where = f"x0 leaf {path!r}" if path else "x0"
+        if not isinstance(leaf, mx.array):
+            # mx.array turns numpy's (and torch's) float64 into float32: keep the precision.
+            wide = str(getattr(leaf, "dtype", "")).endswith("float64")
+            try:
+                leaf = mx.array(leaf, dtype=mx.float64) if wide else mx.array(leaf)
+            except (TypeError, ValueError):
+                raise TypeError(f"{where} must be an array (or a number), got "
+                                f"{type(leaf).__name__}") from None
+        if not mx.issubdtype(leaf.dtype, mx.floating):
+            raise TypeError(f"{where} must be floating point, got {leaf.dtype}; pass floats, "
+                            "e.g. mx.array(x, dtype=mx.float64)")
+        return leaf
+
+    return tree_map_with_path(convert, x0)

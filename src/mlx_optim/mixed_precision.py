@@ -14,7 +14,14 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_map
 
-from ._base import _leaves, _lookup, _rebuild
+from ._base import _dotted, _leaves, _lookup, _rebuild
+from .sparse import RowSparseGrad
+
+
+def _cast(g: Any, dtype: mx.Dtype) -> Any:
+    if isinstance(g, RowSparseGrad):
+        return RowSparseGrad(g.indices, g.values.astype(dtype), g.num_rows)
+    return g.astype(dtype)
 
 
 class MasterWeights:
@@ -48,17 +55,29 @@ class MasterWeights:
 
     def apply_gradients(self, gradients: Any, parameters: Any) -> Any:
         """Update the masters with ``gradients`` (cast to ``dtype``); return the parameters
-        (structure of ``gradients``) as the new masters rounded to each parameter's dtype."""
+        (structure of ``gradients``) as the new masters rounded to each parameter's dtype.
+
+        A :class:`~mlx_optim.RowSparseGrad` (for an optimizer that takes one) has its values
+        cast and updates its master's rows."""
         if not self.state["master"]:
             raise ValueError("call MasterWeights.init(parameters) before the first step")
-        grads = tree_map(lambda g: g.astype(self.dtype), gradients)
+        dtypes = []  # looked up first: a failed call changes neither masters nor state
+        for keys, g in _leaves(gradients):
+            if not isinstance(g, (mx.array, RowSparseGrad)):
+                raise TypeError(f"gradient for {_dotted(keys)!r} must be an mx.array or a "
+                                f"RowSparseGrad, got {type(g).__name__}")
+            try:
+                dtypes.append(_lookup(parameters, keys).dtype)
+            except (KeyError, AttributeError):
+                raise ValueError(f"gradient for {_dotted(keys)!r}, which is not a parameter "
+                                 "array") from None
+        grads = _rebuild(gradients, iter(_cast(g, self.dtype) for _, g in _leaves(gradients)))
         new_masters = self.optimizer.apply_gradients(grads, self.state["master"])
         for keys, value in _leaves(new_masters):
             node = self.state["master"]
             for key in keys[:-1]:
                 node = node[key]
             node[keys[-1]] = value
-        dtypes = [_lookup(parameters, keys).dtype for keys, _ in _leaves(gradients)]
         return _rebuild(gradients, iter(m.astype(d) for (_, m), d in zip(_leaves(new_masters), dtypes)))
 
     def update(self, model: Any, gradients: Any) -> None:
