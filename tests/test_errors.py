@@ -153,6 +153,16 @@ def test_malformed_gradients_change_nothing(case, bad):
         np.testing.assert_array_equal(a, b, err_msg=k)
 
 
+def test_a_parameter_in_two_groups_is_refused_before_any_state_exists():
+    params = {"a": mx.ones(2), "b": mx.ones(2), "c": mx.ones(2)}
+    opt = mlx_optim.SGD(momentum=0.9, groups=[{"params": lambda path, p: p.ndim == 1},
+                                              {"params": "c"}])
+    for call in (lambda: opt.init(params), lambda: opt.apply_gradients(params, params)):
+        with pytest.raises(ValueError, match="'c' is selected by groups"):
+            call()
+        assert opt.state["param_state"] == {} and opt.state["step_classes"] == []
+
+
 def test_groups_may_overlap_on_parameters_that_are_never_updated():
     # opt.update(model, grads) passes the whole model, frozen arrays included: the groups'
     # check asks the selectors about them, but only updated parameters must be in one group.

@@ -185,12 +185,13 @@ _TORCH_DTYPE = {mx.bfloat16: torch.bfloat16, mx.float16: torch.float16, mx.float
 def test_clip_grad_norm_of_low_precision_gradients_equals_torch_bitwise(dtypes, norm_type):
     # torch rounds each array's norm, and the total, to the gradients' dtype (bfloat16:
     # 12.5, not the float32 12.53), and divides as reciprocal * max_norm.
-    for seed in range(4):
+    # max_norm 0.3 is not a bfloat16 number: torch multiplies by it unrounded.
+    for seed, max_norm in zip(range(4), (1.0, 0.3, 1.0, 0.3)):
         tree, arrays = _grads(scale=3.0, seed=seed)
         tree = {"a": tree["a"].astype(dtypes[0]), "blocks": [{"w": tree["blocks"][0]["w"].astype(dtypes[1])},
                                                             {"w": tree["blocks"][1]["w"].astype(dtypes[2])}]}
-        clipped, total = clip_grad_norm(tree, 1.0, norm_type)
-        expected, expected_total = _torch_clip_typed(arrays, [_TORCH_DTYPE[d] for d in dtypes], 1.0, norm_type)
+        clipped, total = clip_grad_norm(tree, max_norm, norm_type)
+        expected, expected_total = _torch_clip_typed(arrays, [_TORCH_DTYPE[d] for d in dtypes], max_norm, norm_type)
         assert str(total.dtype).split(".")[-1] == str(expected_total.dtype).split(".")[-1]
         assert total.item() == expected_total.item()
         assert grad_norm(tree, norm_type).item() == expected_total.item()

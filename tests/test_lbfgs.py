@@ -503,3 +503,19 @@ def test_minimize_converts_array_like_x0():
 def test_minimize_rejects_non_floating_x0(x0, match):
     with pytest.raises(TypeError, match=match):
         minimize(lambda v: mx.sum(v), x0)
+
+
+@pytest.mark.parametrize("args", [  # torch divides 3 (f1 - f2) by (x1 - x2): so must we
+    (-0.17, -2.4, -0.39, 0.67, 2.48, 2.8),
+    (1.31, -0.97, 0.72, -2.75, -2.02, 2.89),
+    (-3.0, -1.91, 0.04, -1.47, -2.61, 2.16),
+])
+def test_cubic_interpolate_rounds_as_torch(args):
+    from torch.optim.lbfgs import _cubic_interpolate
+
+    from mlx_optim._linesearch import cubic_interpolate
+
+    x1, f1, g1, x2, f2, g2 = args
+    expected = _cubic_interpolate(x1, torch.tensor(f1, dtype=torch.float64), torch.tensor(g1, dtype=torch.float64),
+                                  x2, torch.tensor(f2, dtype=torch.float64), torch.tensor(g2, dtype=torch.float64))
+    assert cubic_interpolate(x1, f1, g1, x2, f2, g2) == float(expected)

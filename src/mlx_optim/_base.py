@@ -436,6 +436,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
                 created.append((keys, param))
         for keys, param in created:  # every check before any state is created
             self._check_parameter(_dotted(keys), param)
+            self._group_of(_dotted(keys), param)  # raises if two groups select it
         if created and self._class_of is None:
             self._rebuild_step_classes()
         new_classes: dict[tuple, int] = {}

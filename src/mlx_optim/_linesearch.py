@@ -31,7 +31,7 @@ def cubic_interpolate(x1: float, f1: float, g1: float, x2: float, f2: float, g2:
     Falls back to the middle of the bounds when the cubic has no real minimiser.
     """
     low, high = bounds if bounds is not None else ((x1, x2) if x1 <= x2 else (x2, x1))
-    d1 = g1 + g2 - 3 * _divide(f1 - f2, x1 - x2)
+    d1 = g1 + g2 - _divide(3 * (f1 - f2), x1 - x2)
     d2_square = d1 * d1 - g1 * g2
     if d2_square >= 0:
         d2 = math.sqrt(d2_square)

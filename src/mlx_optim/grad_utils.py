@@ -140,8 +140,13 @@ def clip_grad_norm(grads: Any, max_norm: float, norm_type: float = 2.0,
             f"The total norm of order {float(norm_type)} for gradients from `parameters` is "
             "non-finite, so it cannot be clipped. To disable this error and scale the gradients "
             "by the non-finite norm anyway, set `error_if_nonfinite=False`")
-    # torch's `max_norm / t` is `t.reciprocal() * max_norm` (Tensor.__rdiv__): two roundings.
-    coef = mx.minimum(mx.reciprocal(total + 1e-6) * max_norm, 1.0)
+    # torch's `max_norm / (total + 1e-6)` is `t.reciprocal() * max_norm` (Tensor.__rdiv__),
+    # each op taken in float32 for a bfloat16/float16 norm (its scalars unrounded) and then
+    # rounded to the norm's dtype; MLX would round the scalars to that dtype first.
+    acc = _accumulation_dtype(total.dtype)
+    shifted = (total.astype(acc) + 1e-6).astype(total.dtype)
+    coef = (mx.reciprocal(shifted).astype(acc) * max_norm).astype(total.dtype)
+    coef = mx.minimum(coef, 1.0)
 
     def scale(g: Any) -> Any:
         if isinstance(g, RowSparseGrad):
