@@ -83,3 +83,13 @@ def test_muon_with_adamw_splits_a_model_and_trains_it():
     assert set(adamw.state["param_state"]) == {"embed", "layers", "norm", "lm_head"}  # biases in layers
     assert set(muon.state["param_state"]) == {"layers"}
     assert loss_fn(model).item() < 0.5 * first
+
+
+def test_muon_with_adamw_takes_one_exclude_glob_as_a_string():
+    # A string is one glob, as a group's "params" is (not a sequence of one-letter globs).
+    mx.random.seed(0)
+    model = TinyLM()
+    opt = mlx_optim.muon_with_adamw(model, exclude="lm_head.weight")
+    opt.init(model.trainable_parameters())
+    muon, adamw = opt.optimizers
+    assert "lm_head" not in muon.state["param_state"] and "lm_head" in adamw.state["param_state"]

@@ -113,6 +113,12 @@ def test_absent_parameter_is_untouched(case):
     assert opt.state["param_state"]["b"]["step"].item() == 0
     assert opt.state["param_state"]["a"]["step"].item() == 3
     assert opt.state["step"].item() == 3
+    # Its first real step is a first step: as a fresh optimizer's on it alone.
+    grads = {"b": mx.full((3,), 0.5)}
+    stepped = opt.apply_gradients(grads, params)["b"]
+    fresh = case.ours()
+    np.testing.assert_array_equal(np.array(stepped), np.array(fresh.apply_gradients(grads, {"b": mx.ones((3,))})["b"]))
+    assert opt.state["param_state"]["b"]["step"].item() == 1
 
 
 def test_parameter_names_that_collide_with_hyperparameters():
@@ -300,3 +306,108 @@ def test_radam_with_zero_eps_stays_finite_before_rectification():
         torch_param.grad = torch.tensor(grad)
         torch_opt.step()
         np.testing.assert_allclose(np.array(params["p"]), torch_param.detach().numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["Rprop", "ASGD"])
+def test_state_seeded_from_the_learning_rate_at_the_first_step(name):
+    # torch seeds Rprop's step_size and ASGD's eta with the rate of the parameter's first
+    # step: a rate changed after init, or scheduled, counts (parameter b starts late).
+    case = next(c for c in CASES if c.name == name)
+    schedule = mlx_optim.StepLR(0.1, step_size=1, gamma=0.5)
+    params = {"a": mx.array([1.0, -2.0, 3.0]), "b": mx.array([1.0, -2.0, 3.0])}
+    opt = case.ours(learning_rate=0.01)
+    opt.init(params)
+    opt.learning_rate = schedule  # before the first step: allowed
+    torch_params = {k: torch.tensor(np.array(v), requires_grad=True) for k, v in params.items()}
+    torch_opt = case.torch_cls(list(torch_params.values()), lr=0.1)
+    torch_sched = torch.optim.lr_scheduler.StepLR(torch_opt, step_size=1, gamma=0.5)
+    for step in range(4):
+        names = ["a"] if step < 2 else ["a", "b"]
+        grads = {k: mx.sin(params[k] * (step + 1)) for k in names}
+        params = {**params, **opt.apply_gradients(grads, params)}
+        for k, p in torch_params.items():
+            p.grad = torch.tensor(np.array(grads[k])) if k in grads else None
+        torch_opt.step()
+        torch_sched.step()
+    for k in params:
+        np.testing.assert_allclose(np.array(params[k]), torch_params[k].detach().numpy(), rtol=1e-6)
+
+
+def test_asgd_averaged_parameters_leave_out_parameters_never_stepped():
+    params = {"w": mx.ones(2), "b": mx.full((2,), 3.0)}
+    opt = mlx_optim.ASGD(learning_rate=0.1, t0=0)
+    opt.init(params)
+    assert tree_flatten(opt.averaged_parameters()) == []
+    params = {**params, **opt.apply_gradients({"w": mx.ones(2)}, params)}
+    assert [k for k, _ in tree_flatten(opt.averaged_parameters())] == ["w"]
+
+
+def test_adagrad_accumulators_start_at_the_constructors_value_in_every_group():
+    # torch ignores a group's own initial_accumulator_value (it fills every group's sum
+    # with the constructor's).
+    params = {"w": mx.array([1.0, 2.0]), "b": mx.array([0.5, -0.5])}
+    opt = mlx_optim.Adagrad(learning_rate=0.1, initial_accumulator_value=0.2,
+                            groups=[{"params": "b", "initial_accumulator_value": 0.5}])
+    torch_params = [torch.tensor(np.array(params[k]), requires_grad=True) for k in ("w", "b")]
+    torch_opt = torch.optim.Adagrad([{"params": torch_params[:1]},
+                                     {"params": torch_params[1:], "initial_accumulator_value": 0.5}],
+                                    lr=0.1, initial_accumulator_value=0.2)
+    for _ in range(3):
+        params = opt.apply_gradients({k: mx.ones(2) for k in params}, params)
+        for p in torch_params:
+            p.grad = torch.ones(2)
+        torch_opt.step()
+    for k, p in zip(("w", "b"), torch_params):
+        np.testing.assert_allclose(np.array(params[k]), p.detach().numpy(), rtol=1e-6)
+        np.testing.assert_allclose(np.array(opt.state["param_state"][k]["sum"]),
+                                   torch_opt.state[p]["sum"].numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.grad_kind == "dense" and c.name != "Muon"],
+                         ids=lambda c: c.name)
+def test_update_with_a_model(case, compiled):
+    # optimizer.update(model, grads), as mlx.optimizers is used, eager and inside mx.compile.
+    mx.random.seed(0)
+    model = Net()
+    reference = Net()
+    reference.update(model.parameters())
+    x, y = _data()
+    loss_fn = lambda m: nn.losses.cross_entropy(m(mx.array(x)), mx.array(y), reduction="mean")
+    opt, ref_opt = case.ours(learning_rate=1e-2), case.ours(learning_rate=1e-2)
+    opt.init(model.trainable_parameters())
+
+    def step():
+        _, grads = nn.value_and_grad(model, loss_fn)(model)
+        opt.update(model, grads)
+
+    if compiled:
+        state = [model.state, opt.state]
+        step = mx.compile(step, inputs=state, outputs=state)
+    for _ in range(3):
+        step()
+        mx.eval(model.parameters(), opt.state)
+        _, grads = nn.value_and_grad(reference, loss_fn)(reference)
+        reference.update(ref_opt.apply_gradients(grads, reference.trainable_parameters()))
+    for (path, a), (_, b) in zip(tree_flatten(model.parameters()), tree_flatten(reference.parameters())):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-7, err_msg=path)
+    assert opt.state["step"].item() == 3
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_signature_is_torchs(case):
+    # torch's hyperparameters and defaults (lr named learning_rate); torch's implementation
+    # switches are not ported, groups and constants are ours.
+    import inspect
+
+    def defaults(fn, skip):
+        return {("learning_rate" if n == "lr" else n): p.default
+                for n, p in inspect.signature(fn).parameters.items()
+                if n not in skip and p.kind is not p.VAR_KEYWORD}
+
+    ours = defaults(case.ours.__init__, {"self", "groups", "constants"})
+    theirs = defaults(case.torch_cls.__init__, {"self", "params", "foreach", "fused",
+                                                "capturable", "differentiable"})
+    assert ours.keys() == theirs.keys()
+    for name, value in theirs.items():
+        assert ours[name] == value, f"{name}: {ours[name]!r} vs torch's {value!r}"

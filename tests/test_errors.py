@@ -97,6 +97,22 @@ def test_schedules_cannot_be_swapped_after_the_first_step():
     assert opt.learning_rate.item() == pytest.approx(0.1)  # decay(1)
 
 
+def test_flags_cannot_change_after_the_first_step():
+    # A compiled step traced the flags and Python values it met: a later change would not
+    # reach it.
+    opt = mlx_optim.Rprop(learning_rate=0.1)
+    opt.maximize = True  # before the first step: fine
+    params = opt.apply_gradients({"w": mx.ones(2)}, {"w": mx.ones(2)})
+    with pytest.raises(ValueError, match="maximize fixes the computation"):
+        opt.maximize = False
+    muon = mlx_optim.Muon(learning_rate=0.02)
+    muon.apply_gradients({"w": mx.ones((2, 2))}, {"w": mx.ones((2, 2))})
+    with pytest.raises(ValueError, match="ns_steps fixes the computation"):
+        muon.ns_steps = 3
+    muon.ns_steps = 5  # the same value is no change
+    assert opt.maximize is True and muon.ns_steps == 5
+
+
 def test_structural_zero_cannot_be_turned_on_later():
     opt = mlx_optim.SGD(learning_rate=0.1)
     with pytest.raises(ValueError, match="momentum was 0 when this optimizer was built"):

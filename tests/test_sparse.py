@@ -83,6 +83,9 @@ def test_row_sparse_refuses_weight_decay_and_other_optimizers():
     params = {"e": mx.array(TABLE)}
     with pytest.raises(ValueError, match="weight_decay option is not compatible with sparse gradients"):
         mlx_optim.Adagrad(weight_decay=0.1).apply_gradients(grad, params)
+    decay_off = mlx_optim.Adagrad(weight_decay=0.1)
+    decay_off.weight_decay = 0.0  # as torch: a zero decay takes row-sparse gradients
+    assert decay_off.apply_gradients(grad, params)["e"].shape == params["e"].shape
     with pytest.raises(ValueError, match="Adam does not support row-sparse gradients"):
         mlx_optim.Adam().apply_gradients(grad, params)
     with pytest.raises(ValueError, match=r"gradient for 'e' has shape \(12, 4\)"):

@@ -173,7 +173,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
     rules: tuple[Rule, ...] = ()
     update_fn: Callable[..., tuple[mx.array, dict]]
     # Numeric hyperparameters that fix the computation's structure (Muon's ns_steps): held
-    # as Python values like flags, so changing one retraces a compiled step.
+    # as Python values like flags, so, like a flag, one cannot change after the first step.
     static_hyperparameters: tuple[str, ...] = ()
     # True when update_fn applies weight decay itself, because the decay must come at a
     # particular point of its math (Adafactor reads the parameter's RMS before decaying).
@@ -333,7 +333,13 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         old = values[name]
         if _is_static(old) != _is_static(value):
             raise TypeError(f"{name} must stay a {'flag' if _is_static(old) else 'number or schedule'}")
-        if _swaps_schedule(old, value) and self._state["step"].item() > 0:
+        stepped = self._state["step"].item() > 0
+        if stepped and self._is_static(name, old) and not _same_static(old, value):
+            raise ValueError(
+                f"{name} fixes the computation a compiled step traced (a flag or a Python "
+                f"value), so it cannot change after the first step; build the optimizer "
+                f"with {name}={value!r}")
+        if _swaps_schedule(old, value) and stepped:
             raise ValueError(
                 f"{name}: a schedule is traced into a compiled step, so none can be set, replaced "
                 "or removed after the first step (a step compiled earlier would keep the old "
@@ -552,7 +558,9 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
                                  f"(gradient for {path!r}); pass a dense mx.array")
             grad.check_indices()
             # Decay would touch every row, which a row-sparse step must not (torch's words).
-            if self._active[self._group_of(path, param)].get("weight_decay", False):
+            index = self._group_of(path, param)
+            if (self._active[index].get("weight_decay", False)
+                    and scalar_value("weight_decay", self._get_hyper(index, "weight_decay")) != 0):
                 raise ValueError(f"weight_decay option is not compatible with sparse gradients "
                                  f"(gradient for {path!r}; build with weight_decay=0)")
         elif not isinstance(grad, mx.array):
@@ -784,6 +792,12 @@ def map_slots(fn: Callable[[dict], Any], tree: Any) -> Any:
     if isinstance(tree, list):
         return [map_slots(fn, v) if v else {} for v in tree]
     return tree
+
+
+def _same_static(old: Any, new: Any) -> bool:
+    """Whether a flag or Python value is unchanged (tuples compared as tuples)."""
+    as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else v
+    return as_tuple(old) == as_tuple(new)
 
 
 def _swaps_schedule(old: Any, new: Any) -> bool:

@@ -65,4 +65,7 @@ class Adagrad(Optimizer):
                               maximize=maximize), groups, constants)
 
     def init_state(self, param, hyper, active):
-        return {"sum": mx.full(param.shape, cast(hyper["initial_accumulator_value"], param))}
+        # torch fills every group's accumulator with the constructor's value (a group's own
+        # initial_accumulator_value is accepted and ignored): so do we.
+        initial = self._get_hyper(0, "initial_accumulator_value")
+        return {"sum": mx.full(param.shape, cast(initial, param))}

@@ -11,7 +11,10 @@ from ._math import cast, scalar_dtype
 
 def asgd_update(param, grad, state, *, learning_rate, lambd, alpha, t0):
     """One ASGD step on ``ax`` (the average) and the scalars ``eta`` and ``mu``."""
-    eta, mu = state["eta"], state["mu"]
+    # torch sets eta to the learning rate at the parameter's first step (the rate may have
+    # changed since init, or been scheduled).
+    eta = mx.where(state["step"] == 1, learning_rate, state["eta"]).astype(state["eta"].dtype)
+    mu = state["mu"]
     new_param = param * cast(1 - lambd * eta, param) - cast(eta, param) * grad
     ax = state["ax"] + (new_param - state["ax"]) * cast(mu, param)
     step = state["step"].astype(scalar_dtype())
@@ -73,6 +76,8 @@ class ASGD(Optimizer):
     def averaged_parameters(self) -> dict:
         """The averaged parameters, in the parameters' tree structure.
 
-        A parameter that has not been stepped yet has no average; it is left out.
+        A parameter that has not been stepped yet has no average; it is left out (so that
+        ``model.update`` keeps its weights).
         """
-        return map_slots(lambda slot: slot["ax"], self.state["param_state"])
+        return map_slots(lambda slot: slot["ax"] if slot["step"].item() else {},
+                         self.state["param_state"])

@@ -68,7 +68,7 @@ class Muon(Optimizer):
     Differences: ``mlx.optimizers.Muon`` couples weight decay into the gradient, runs
     Newton–Schulz in the gradient's dtype, flattens parameters of more than 2 dimensions
     and scales the step by :math:`\sqrt{\max(1, A/B)}` only. ``ns_coefficients`` and
-    ``ns_steps`` are Python values here (a change retraces a compiled step).
+    ``ns_steps`` are Python values here, fixed (like flags) once the first step is taken.
 
     Reference: Jordan et al., "Muon: An optimizer for hidden layers in neural networks",
     2024 (https://kellerjordan.github.io/posts/muon/); Liu et al., "Muon is Scalable for
@@ -146,6 +146,7 @@ def muon_with_adamw(model, muon=None, adamw=None, exclude=OUTPUT_HEADS):
 
     from .adam import AdamW
 
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)  # one glob, or several
     hidden = set()
     for path, module in model.named_modules():
         if isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)):

@@ -16,7 +16,10 @@ def rprop_update(param, grad, state, *, learning_rate, etas, step_sizes):
     step_size_min, step_size_max = (cast(s, grad) for s in step_sizes)
     agreement = grad * state["prev"]
     factor = mx.where(agreement > 0, etaplus, mx.where(agreement < 0, etaminus, 1.0))
-    step_size = mx.clip(state["step_size"] * factor, step_size_min, step_size_max)
+    # torch fills step_size with the learning rate at the parameter's first step (the rate
+    # may have changed since init, or been scheduled): prev is 0 there, so factor is 1.
+    step_size = mx.where(state["step"] == 1, cast(learning_rate, grad), state["step_size"])
+    step_size = mx.clip(step_size * factor, step_size_min, step_size_max)
     # After a sign change the step is skipped and the gradient forgotten (torch's
     # `grad[sign.eq(etaminus)] = 0`).
     grad = mx.where(agreement < 0, 0.0, grad)
