@@ -41,7 +41,7 @@ import mlx.optimizers as mlx_optimizers
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ._base import Optimizer, _slots, insert_slot
-from .grad_utils import clip_grad_norm  # torch's, as the wrappers' max_grad_norm applies it
+from .grad_utils import _check_leaves, clip_grad_norm  # torch's clipping, as max_grad_norm applies it
 from .sparse import RowSparseGrad
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb
@@ -53,17 +53,6 @@ SHARD_VERSION = 1
 def _flat(tree: Any) -> dict[str, mx.array]:
     """``{dotted path: array}`` of a parameter tree, in tree order."""
     return {path: x for path, x in tree_flatten(tree) if isinstance(x, mx.array)}
-
-
-def _grad_leaves(gradients: Any) -> dict[str, mx.array | RowSparseGrad]:
-    """``{dotted path: gradient}`` of a gradient tree, in tree order; anything but an array
-    or a :class:`RowSparseGrad` raises (it would otherwise be dropped: never applied)."""
-    flat = dict(tree_flatten(gradients))
-    for path, g in flat.items():
-        if not isinstance(g, (mx.array, RowSparseGrad)):
-            raise TypeError(f"gradient for {path!r} must be an mx.array or a RowSparseGrad, "
-                            f"got {type(g).__name__}")
-    return flat
 
 
 def _arrays_of(grads: dict[str, Any]) -> list[mx.array]:
@@ -292,7 +281,7 @@ class DataParallel:
         return tree_unflatten(list(self._average(gradients).items()))
 
     def _average(self, gradients: Any) -> dict[str, Any]:
-        flat = _grad_leaves(gradients)
+        flat = dict(_check_leaves(gradients))
         dense = {k: g for k, g in flat.items() if isinstance(g, mx.array)}
         summed = dict(zip(dense, bucketed_all_sum(list(dense.values()), self.group,
                                                   self.bucket_bytes)))
@@ -396,7 +385,7 @@ class ShardedOptimizer(DataParallel):
                 self.optimizer._check_parameter(path, param)
 
     def apply_gradients(self, gradients: Any, parameters: Any) -> Any:
-        grads, params = _grad_leaves(gradients), _flat(parameters)
+        grads, params = dict(_check_leaves(gradients)), _flat(parameters)
         # Checks every rank makes alike, before any collective: one rank raising alone would
         # leave the others waiting in the all_sums.
         for path, g in grads.items():

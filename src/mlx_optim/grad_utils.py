@@ -49,10 +49,12 @@ def _rounded_norm(x: mx.array, norm_type: float, dtype: mx.Dtype) -> mx.array:
 
 
 def _check_leaves(grads: Any) -> list[tuple[str, Any]]:
+    """(dotted path, gradient) of a gradient tree; anything but an array or a
+    :class:`RowSparseGrad` raises (it would otherwise be dropped or fail later)."""
     named = tree_flatten(grads)
     for path, g in named:
         if not isinstance(g, (mx.array, RowSparseGrad)):
-            raise TypeError(f"gradient {path!r} must be an mx.array or a RowSparseGrad, "
+            raise TypeError(f"gradient for {path!r} must be an mx.array or a RowSparseGrad, "
                             f"got {type(g).__name__}")
     return named
 

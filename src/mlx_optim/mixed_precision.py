@@ -15,6 +15,7 @@ import mlx.core as mx
 from mlx.utils import tree_map
 
 from ._base import _dotted, _leaves, _lookup, _rebuild
+from .grad_utils import _check_leaves
 from .sparse import RowSparseGrad
 
 
@@ -61,11 +62,9 @@ class MasterWeights:
         cast and updates its master's rows."""
         if not self.state["master"]:
             raise ValueError("call MasterWeights.init(parameters) before the first step")
-        dtypes = []  # looked up first: a failed call changes neither masters nor state
-        for keys, g in _leaves(gradients):
-            if not isinstance(g, (mx.array, RowSparseGrad)):
-                raise TypeError(f"gradient for {_dotted(keys)!r} must be an mx.array or a "
-                                f"RowSparseGrad, got {type(g).__name__}")
+        _check_leaves(gradients)  # and the dtypes looked up first: a failed call changes
+        dtypes = []               # neither masters nor state
+        for keys, _ in _leaves(gradients):
             try:
                 dtypes.append(_lookup(parameters, keys).dtype)
             except (KeyError, AttributeError):
