@@ -64,7 +64,13 @@ def test_adamw_two_groups_equal_torch():
     ours = dict(tree_flatten(model.parameters()))
     for tname, tparam in tmodel.named_parameters():
         layer, kind = tname.split(".")
-        assert_close(ours[f"{names[layer]}.{kind}"], tparam.detach().numpy(), 1e-5, tname)
+        path = f"{names[layer]}.{kind}"
+        assert_close(ours[path], tparam.detach().numpy(), 1e-5, tname)
+        theirs = topt.state[tparam]
+        slot = dict(tree_flatten(opt.state["param_state"]))
+        assert slot[f"{path}.step"].item() == theirs["step"].item() == 15
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_close(slot[f"{path}.{key}"], theirs[key].numpy(), 1e-5, f"{tname} {key}")
     assert opt.param_groups[1]["weight_decay"].item() == 0.0
     assert opt.param_groups[2]["learning_rate"].item() == pytest.approx(1e-3)
 

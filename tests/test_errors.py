@@ -23,9 +23,31 @@ def test_bad_hyperparameter_raises(pair):
                 opt.init(params)
             finally:
                 assert opt.state["param_state"] == {}
-    # The message names our argument (or parameter), not only torch's wording.
-    names = set(ours_kwargs(error.kwargs)) | {"nesterov"} | {path for path, _ in error.params}
-    assert any(name in str(info.value) for name in names), str(info.value)
+    # The message names the offending argument (or parameter), not only torch's wording:
+    # each argument without which the construction succeeds, or else the parameter.
+    offenders = [name for name in ours_kwargs(error.kwargs)
+                 if _constructs(case, {k: v for k, v in ours_kwargs(error.kwargs).items() if k != name})]
+    offenders = offenders or [path for path, shape in error.params
+                              if not _inits(case.ours(**ours_kwargs(error.kwargs)), path, shape)]
+    assert offenders
+    for name in offenders:
+        assert re.search(rf"\b{re.escape(name)}\b", str(info.value)), (name, str(info.value))
+
+
+def _constructs(case, kwargs) -> bool:
+    try:
+        case.ours(**kwargs)
+    except ValueError:
+        return False
+    return True
+
+
+def _inits(opt, path, shape) -> bool:
+    try:
+        opt.init(_tree({path: mx.ones(shape)}))
+    except ValueError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
