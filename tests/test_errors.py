@@ -161,7 +161,7 @@ def _snapshot(tree):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-@pytest.mark.parametrize("bad", ["unknown key", "wrong shape", "not an array"])
+@pytest.mark.parametrize("bad", ["unknown key", "wrong shape", "not an array", "integer gradient"])
 def test_malformed_gradients_change_nothing(case, bad):
     if "test_malformed_gradients_change_nothing" in case.test_skips:
         pytest.skip(case.test_skips["test_malformed_gradients_change_nothing"])
@@ -178,9 +178,12 @@ def test_malformed_gradients_change_nothing(case, bad):
     elif bad == "wrong shape":
         grads["b"] = mx.ones((3,))
         message = r"gradient for 'b' has shape \(3,\)"
-    else:
+    elif bad == "not an array":
         grads["b"] = 2.0
         message = "gradient for .b. must be an mx.array, got float"
+    else:
+        grads["b"] = mx.ones((2,), dtype=mx.int32)
+        message = "gradient for 'b' has dtype mlx.core.int32; gradients must be real floating"
     with pytest.raises(ValueError, match=message):
         opt.apply_gradients(grads, params)
     after_state = _snapshot(opt.state)
@@ -214,3 +217,133 @@ def test_groups_may_overlap_on_parameters_that_are_never_updated():
     _, grads = nn.value_and_grad(model, lambda x: model(x).sum())(mx.ones((2, 4)))
     opt.update(model, grads)
     assert opt.state["param_state"]["layers"][1]["bias"]["step"].item() == 1
+
+
+def _assert_same(before, after):
+    assert [k for k, _ in after] == [k for k, _ in before]
+    for (k, a), (_, b) in zip(after, before):
+        np.testing.assert_array_equal(a, b, err_msg=k)
+
+
+@pytest.mark.parametrize("dtype", [mx.int32, mx.complex64, mx.bool_])
+def test_non_floating_parameters_are_refused_before_anything_changes(dtype):
+    # torch cannot optimize integer tensors; a silent float32 update would truncate them.
+    params = {"w": mx.ones((3,)), "table": mx.ones((2,), dtype=dtype)}
+    opt = mlx_optim.Adam(learning_rate=0.1)
+    with pytest.raises(ValueError, match=f"parameter 'table' has dtype {dtype}; .* freeze it"):
+        opt.init(params)
+    assert opt.state["param_state"] == {}
+    opt.init({"w": params["w"]})
+    before = _snapshot(opt.state)
+    grads = {"w": mx.ones((3,)), "table": mx.ones((2,), dtype=dtype)}
+    with pytest.raises(ValueError, match="parameter 'table' has dtype"):
+        opt.apply_gradients(grads, params)
+    _assert_same(before, _snapshot(opt.state))
+
+
+def test_flags_take_0_and_1_as_torch_does_and_refuse_other_values():
+    grads, params = {"w": mx.array([0.5, -1.0])}, {"w": mx.array([1.0, 2.0])}
+    for flag, kwargs in (("amsgrad", {}), ("maximize", {}), ("nesterov", {"momentum": 0.9})):
+        cls = mlx_optim.SGD if flag == "nesterov" else mlx_optim.Adam
+        for given, meant in ((1, True), (0, False)):
+            ours = cls(learning_rate=0.1, **kwargs, **{flag: given})
+            assert getattr(ours, flag) is meant
+            reference = cls(learning_rate=0.1, **kwargs, **{flag: meant})
+            np.testing.assert_array_equal(ours.apply_gradients(grads, params)["w"],
+                                          reference.apply_gradients(grads, params)["w"])
+        with pytest.raises(TypeError, match=f"{flag} is a flag: it must be True or False, got 2"):
+            cls(learning_rate=0.1, **kwargs, **{flag: 2})
+    opt = mlx_optim.Adam(learning_rate=0.1, amsgrad=0)
+    opt.apply_gradients(grads, params)
+    opt.amsgrad = 0  # unchanged: accepted
+    with pytest.raises(ValueError, match="amsgrad fixes the computation"):
+        opt.amsgrad = 1
+    with pytest.raises(TypeError, match="amsgrad is a flag"):
+        opt.amsgrad = "yes"
+    assert opt.amsgrad is False
+
+
+def test_tuple_hyperparameters_have_their_length():
+    with pytest.raises(ValueError, match=r"betas must hold 2 values, got 3: \(0.9, 0.999, 0.5\)"):
+        mlx_optim.Adam(betas=(0.9, 0.999, 0.5))
+    with pytest.raises(ValueError, match="etas must hold 2 values, got 1"):
+        mlx_optim.Rprop(etas=(0.5,))
+    opt = mlx_optim.NAdam()
+    with pytest.raises(ValueError, match="betas must hold 2 values, got 3"):
+        opt.betas = (0.9, 0.99, 0.5)
+    assert opt.betas[0].item() == pytest.approx(0.9) and len(opt.betas) == 2
+
+
+def test_a_step_that_raises_part_way_changes_nothing():
+    # A schedule that raises at step 3, after the gradient checks and with state created.
+    def lr(step):
+        if step.item() == 2:
+            raise RuntimeError("schedule out of range")
+        return 0.1 / (1 + step)
+
+    def make():
+        return mlx_optim.Adam(learning_rate=lr, groups=[{"params": "b", "betas": (0.8, 0.9)}])
+
+    params = {"w": mx.array([1.0, 2.0]), "b": mx.array([0.5])}
+    grads = {"w": mx.array([0.3, -0.2]), "b": mx.array([0.1])}
+    opt = make()
+    params = opt.apply_gradients(grads, params)
+    params = {**params, **opt.apply_gradients({"w": grads["w"]}, params)}  # splits the step sets
+    mx.eval(params, opt.state)
+    before, classes = _snapshot(opt.state), dict(opt._class_of)
+    with pytest.raises(RuntimeError, match="schedule out of range"):
+        opt.apply_gradients(grads, params)
+    _assert_same(before, _snapshot(opt.state))
+    assert opt._class_of == classes
+    # ... and the optimizer goes on as one that never saw the failed call.
+    def lr_ok(step):
+        return 0.1 / (1 + step)
+    reference = mlx_optim.Adam(learning_rate=lr_ok, groups=[{"params": "b", "betas": (0.8, 0.9)}])
+    ref_params = {"w": mx.array([1.0, 2.0]), "b": mx.array([0.5])}
+    ref_params = reference.apply_gradients(grads, ref_params)
+    ref_params = {**ref_params, **reference.apply_gradients({"w": grads["w"]}, ref_params)}
+    opt._state["step"] = opt._state["step"] + 1  # the schedule raised at step 2 only
+    reference._state["step"] = reference._state["step"] + 1
+    for _ in range(2):
+        params = opt.apply_gradients(grads, params)
+        ref_params = reference.apply_gradients(grads, ref_params)
+    _assert_same(_snapshot(reference.state), _snapshot(opt.state))
+    _assert_same(_snapshot(ref_params), _snapshot(params))
+
+
+def test_state_that_does_not_fit_a_parameter_is_refused_before_anything_changes():
+    import mlx.nn as nn
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    opt = mlx_optim.AdamW(learning_rate=0.1)
+    loss_grad = nn.value_and_grad(model, lambda x: model(x).sum())
+    opt.update(model, loss_grad(mx.ones((2, 4)))[1])
+    mx.eval(model.parameters(), opt.state)
+    model.layers[1] = nn.Linear(3, 5)  # a new head, as when fine-tuning
+    before = _snapshot(opt.state)
+    message = r"parameter 'layers.1.weight' has shape \(5, 3\), but its optimizer state"
+    with pytest.raises(ValueError, match=message):
+        opt.update(model, loss_grad(mx.ones((2, 4)))[1])
+    with pytest.raises(ValueError, match=message):
+        opt.init(model.trainable_parameters())
+    _assert_same(before, _snapshot(opt.state))
+    # Loaded state is checked against the parameters at the first step too.
+    fresh = mlx_optim.AdamW(learning_rate=0.1)
+    fresh.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match=message):
+        fresh.update(model, loss_grad(mx.ones((2, 4)))[1])
+
+
+def test_numpy_numbers_are_hyperparameters_and_complex_ones_are_refused():
+    grads, params = {"w": mx.array([0.5, -1.0])}, {"w": mx.array([1.0, 2.0])}
+    ours = mlx_optim.SGD(learning_rate=np.float32(0.25), momentum=np.float64(0.5))
+    reference = mlx_optim.SGD(learning_rate=float(np.float32(0.25)), momentum=0.5)
+    np.testing.assert_array_equal(ours.apply_gradients(grads, params)["w"],
+                                  reference.apply_gradients(grads, params)["w"])
+    with pytest.raises(TypeError, match="learning_rate must be a real number, got an mx.array of"):
+        mlx_optim.SGD(learning_rate=mx.array(1 + 1j))
+
+
+def test_a_constant_learning_rate_reads_back():
+    opt = mlx_optim.Adam(learning_rate=0.01, constants=("learning_rate",))
+    assert opt.learning_rate == 0.01 == opt.param_groups[0]["learning_rate"]

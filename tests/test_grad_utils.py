@@ -116,8 +116,10 @@ def test_accumulating_micro_batches_equals_the_large_batch(name):
 
 
 def test_accumulator_rejects_bad_steps():
-    with pytest.raises(ValueError, match="steps must be an int >= 1"):
-        GradientAccumulator(mlx_optim.SGD(), steps=0)
+    for bad in (0, 2.0, True, np.int64(0)):
+        with pytest.raises(ValueError, match="steps must be an int >= 1"):
+            GradientAccumulator(mlx_optim.SGD(), steps=bad)
+    assert GradientAccumulator(mlx_optim.SGD(), steps=np.int64(3)).steps == 3
 
 
 # ------------------------------------------------------------------------------ skipping

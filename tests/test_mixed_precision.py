@@ -159,3 +159,40 @@ def test_failed_step_changes_neither_masters_nor_state():
         mp.apply_gradients({"w": "x"}, params)
     after = [np.array(v) for _, v in tree_flatten([opt.state, mp.state])]
     assert len(after) == len(before) and all(np.array_equal(a, b) for a, b in zip(after, before))
+
+
+def test_master_weights_over_skip_non_finite_skips_the_masters_too():
+    # float16 training: float32 masters, and a step whose gradients overflowed is skipped.
+    import math
+
+    import mlx.nn as nn
+
+    def make():
+        model = nn.Linear(4, 2)
+        model.set_dtype(mx.float16)
+        return model
+
+    mx.random.seed(3)
+    model = make()
+    reference_model = make()
+    reference_model.update(model.parameters())
+    guard = mlx_optim.SkipNonFinite(mlx_optim.Adam(learning_rate=1e-2))
+    mp = mlx_optim.MasterWeights(guard)
+    mp.init(model.trainable_parameters())
+    reference = mlx_optim.MasterWeights(mlx_optim.Adam(learning_rate=1e-2))
+    reference.init(reference_model.trainable_parameters())
+    good = {"weight": mx.full((2, 4), 0.5, mx.float16), "bias": mx.ones(2, mx.float16)}
+    bad = {"weight": mx.full((2, 4), math.inf, mx.float16), "bias": mx.ones(2, mx.float16)}
+    for grads in (good, bad, good, bad):
+        mp.update(model, grads)
+        if grads is good:
+            reference.update(reference_model, grads)
+    assert guard.state["skipped"].item() == 2
+    for (k, a), (_, b) in zip(tree_flatten(mp.state), tree_flatten(reference.state)):
+        np.testing.assert_array_equal(np.array(a), np.array(b), err_msg=k)
+    for (k, a), (_, b) in zip(tree_flatten(guard.optimizer.state), tree_flatten(reference.optimizer.state)):
+        np.testing.assert_array_equal(np.array(a), np.array(b), err_msg=k)
+    for (k, a), (_, b) in zip(tree_flatten(model.parameters()), tree_flatten(reference_model.parameters())):
+        np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)), err_msg=k)
+    with pytest.raises(TypeError, match=r"wrap the optimizer first: MasterWeights\(SkipNonFinite\(opt\)\)"):
+        mlx_optim.SkipNonFinite(mp)

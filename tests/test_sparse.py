@@ -186,3 +186,10 @@ def test_embedding_helper_refuses_other_lookups_and_tied_use_unless_dense(cls, n
                                    np.array(dense["tok"]["weight"]), atol=1e-7)
     with pytest.raises(ValueError, match="'nope', which is not an nn.Embedding"):
         mlx_optim.embedding_value_and_grad(model, loss_fn, dense=["nope"])
+
+
+def test_row_sparse_values_must_be_an_array():
+    with pytest.raises(TypeError, match="RowSparseGrad values must be an mx.array, got ndarray"):
+        RowSparseGrad(mx.array([1]), np.ones((1, 3), np.float32), 5)
+    with pytest.raises(TypeError, match="got list"):
+        RowSparseGrad([1], [[1.0, 2.0, 3.0]], 5)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import inspect
+import numbers
 from collections.abc import MutableMapping
 from typing import Any, Callable, Iterator, Sequence
 
@@ -105,6 +106,25 @@ def _dotted(keys: tuple) -> str:
 
 def _cast(x: mx.array, dtype: mx.Dtype) -> mx.array:
     return x if x.dtype == dtype else x.astype(dtype)
+
+
+def _copy_containers(tree: Any) -> Any:
+    """``tree`` with its dicts and lists copied and its arrays shared (they are immutable)."""
+    if isinstance(tree, dict):
+        return {k: _copy_containers(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_copy_containers(v) for v in tree]
+    return tree
+
+
+def _check_floating(path: str, param: mx.array) -> None:
+    """Only real floating-point parameters are optimized (torch cannot put an integer
+    tensor in an optimizer; a complex one it treats as pairs of reals, which we do not)."""
+    if not mx.issubdtype(param.dtype, mx.floating):
+        raise ValueError(
+            f"parameter {path!r} has dtype {param.dtype}; these optimizers update real "
+            "floating-point parameters (float16, bfloat16, float32, float64) only: freeze it "
+            "(e.g. model.freeze(keys=[...])) or leave it out of the gradients")
 
 
 def _compute_dtype(dtype: mx.Dtype) -> mx.Dtype:
@@ -234,6 +254,8 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         self._state["param_state"] = {}
         self._state["step_classes"] = []
         self._class_of: dict[str, int] | None = {}  # dotted path -> index in step_classes
+        # dotted path -> the parameter shape its state was made or checked for
+        self._slot_shapes: dict[str, tuple] = {}
         if len(self._group_values) > 1:
             self._state["param_groups"] = [{} for _ in self._group_values[1:]]
         for index, values in enumerate(self._group_values):
@@ -243,6 +265,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
 
     # ----------------------------------------------------------------- hyperparameters
     def _add_group(self, values: dict[str, Any]) -> None:
+        values = self._as_flags(values)
         self._check_not_none(values)
         check(self.rules, values)
         self._validate_group(values)
@@ -258,6 +281,18 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
 
     def _validate_group(self, values: dict[str, Any]) -> None:
         """Checks that involve several arguments (e.g. SGD's nesterov); override."""
+
+    def _as_flags(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Flags (a ``bool`` default in the signature) as bools: 0 and 1 are accepted as
+        torch accepts them; anything else raises, instead of passing for a number."""
+        defaults = _signature_defaults(type(self))
+        values = dict(values)
+        for name, value in values.items():
+            if isinstance(defaults.get(name), bool) and not isinstance(value, bool):
+                if not isinstance(value, numbers.Integral) or value not in (0, 1):
+                    raise TypeError(f"{name} is a flag: it must be True or False, got {value!r}")
+                values[name] = bool(value)
+        return values
 
     def _check_not_none(self, values: dict[str, Any]) -> None:
         """``None`` where the signature's default is a number: torch's ``TypeError``, named
@@ -331,6 +366,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
             raise ValueError(f"{name} is one of this optimizer's constants (compiled into its "
                              "step); build a new optimizer to change it")
         old = values[name]
+        value = self._as_flags({name: value})[name]
         if _is_static(old) != _is_static(value):
             raise TypeError(f"{name} must stay a {'flag' if _is_static(old) else 'number or schedule'}")
         stepped = self._state["step"].item() > 0
@@ -363,8 +399,8 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         return [ParamGroup(self, i) for i in range(len(self._group_values))]
 
     @property
-    def learning_rate(self) -> mx.array:
-        return self._state["learning_rate"]
+    def learning_rate(self) -> mx.array | float:
+        return self._get_hyper(0, "learning_rate")  # a float when it is one of ``constants``
 
     @learning_rate.setter
     def learning_rate(self, value) -> None:  # the default group's, as mlx.optimizers
@@ -438,9 +474,13 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         for keys, param in _leaves(parameters):
             if not isinstance(param, mx.array):
                 continue
-            if self._slot(keys) is None:
+            slot = self._slot(keys)
+            if slot is None:
                 created.append((keys, param))
+            else:
+                self._check_slot_fits(_dotted(keys), slot, param)
         for keys, param in created:  # every check before any state is created
+            _check_floating(_dotted(keys), param)
             self._check_parameter(_dotted(keys), param)
             self._group_of(_dotted(keys), param)  # raises if two groups select it
         if created and self._class_of is None:
@@ -460,6 +500,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
                          for k, v in state.items()}
             slot.update(state)
             self._put_slot(keys, slot)
+            self._slot_shapes[path] = param.shape
         self._initialized = True
 
     # ----------------------------------------------------------------- shared steps
@@ -510,6 +551,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
     def state(self, state: dict) -> None:
         self._initialized = False
         self._state = state
+        self._slot_shapes = {}
         self._class_of = None  # rebuilt from the values at the next step
 
     def _check_parameter(self, path: str, param: mx.array) -> None:
@@ -547,9 +589,30 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
                 raise ValueError(f"gradient for unknown parameter {path!r}") from None
             if not isinstance(param, mx.array):
                 raise ValueError(f"gradient for {path!r}, which is not a parameter array")
+            _check_floating(path, param)
             self._check_gradient(path, grad, param)
+            slot = self._slot(keys)
+            if slot is not None:
+                self._check_slot_fits(path, slot, param)
             pairs.append((keys, grad, param))
         return pairs
+
+    def _check_slot_fits(self, path: str, slot: dict, param: mx.array) -> None:
+        """Raise ``ValueError`` if a parameter's existing state (made for another shape, or
+        loaded) is not the state this optimizer would make for it. Checked once per shape."""
+        if self._slot_shapes.get(path) == param.shape:
+            return
+        index = self._group_of(path, param)
+        expected = self.init_state(param, self._hypers(index), self._active[index])
+        have = {k: tuple(v.shape) for k, v in slot.items() if k != "step"}
+        want = {k: tuple(v.shape) for k, v in expected.items()}
+        if have != want:
+            raise ValueError(
+                f"parameter {path!r} has shape {tuple(param.shape)}, but its optimizer state "
+                f"{have} does not fit it (it needs {want}): the state was made for another "
+                "parameter, or the parameter was replaced; build a new optimizer for the new "
+                "parameter (or load state that matches it)")
+        self._slot_shapes[path] = param.shape
 
     def _check_gradient(self, path: str, grad: Any, param: mx.array) -> None:
         if isinstance(grad, RowSparseGrad):
@@ -565,6 +628,9 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
                                  f"(gradient for {path!r}; build with weight_decay=0)")
         elif not isinstance(grad, mx.array):
             raise ValueError(f"gradient for {path!r} must be an mx.array, got {type(grad).__name__}")
+        if not mx.issubdtype(grad.dtype, mx.floating):
+            raise ValueError(f"gradient for {path!r} has dtype {grad.dtype}; gradients must be "
+                             "real floating-point arrays")
         if grad.shape != param.shape:
             raise ValueError(
                 f"gradient for {path!r} has shape {tuple(grad.shape)}, "
@@ -581,6 +647,21 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         pairs = self._check_gradients(gradients, parameters)
         if not self._initialized:
             self.check_groups_select(parameters)  # the parameters, as the gradients may be partial
+        # What remains can still raise (a schedule, an update function given a value it
+        # cannot use): then the optimizer is put back as it was.
+        saved = (_copy_containers(self._state), dict(self._class_of or {}), self._class_of is None,
+                 self._initialized)
+        try:
+            return self._step(gradients, pairs)
+        except BaseException:
+            state, class_of, unknown, initialized = saved
+            self._state.clear()
+            self._state.update(state)  # in place: a compiled step holds this dict
+            self._class_of = None if unknown else class_of
+            self._initialized = initialized
+            raise
+
+    def _step(self, gradients: Any, pairs: list) -> Any:
         missing = [(k, p) for k, _, p in pairs if self._slot(k) is None]
         if missing:
             self._init_slots(_rebuild_missing(missing))  # a gradient tree may be partial

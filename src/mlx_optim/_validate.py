@@ -8,6 +8,7 @@ tests match it) and names our argument and the value it was given.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
@@ -76,14 +77,29 @@ def scalar_value(arg: str, value: Any) -> float | None:
     if isinstance(value, mx.array):
         if value.size != 1:
             raise ValueError(f"{arg} must be a scalar (1-element) value, got shape {value.shape}")
+        if not mx.issubdtype(value.dtype, mx.number) or mx.issubdtype(value.dtype, mx.complexfloating):
+            raise TypeError(f"{arg} must be a real number, got an mx.array of {value.dtype}")
         return value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real: Python and numpy numbers alike (np.float32(1e-3) as torch takes it).
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{arg} must be a number, an mx.array scalar or a schedule, got {value!r}")
     return float(value)
 
 
 def check(rules: Iterable[Rule], values: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` for the first rule that ``values`` breaks."""
+    """Raise ``ValueError`` for the first rule that ``values`` breaks.
+
+    An argument with rules on its elements is a tuple of exactly that many values.
+    """
+    rules = tuple(rules)
+    lengths: dict[str, int] = {}
+    for rule in rules:
+        if rule.index is not None:
+            lengths[rule.arg] = max(lengths.get(rule.arg, 0), rule.index + 1)
+    for arg, length in lengths.items():
+        raw = values.get(arg)
+        if isinstance(raw, (tuple, list)) and len(raw) != length:
+            raise ValueError(f"{arg} must hold {length} values, got {len(raw)}: {tuple(raw)!r}")
     for rule in rules:
         if rule.arg not in values:
             continue

@@ -11,12 +11,13 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
-from ._base import _leaves, _lookup, _rebuild_missing, _slots, _dotted
+from ._base import Optimizer, _dotted, _leaves, _lookup, _rebuild_missing, _slots
 from .sparse import RowSparseGrad
 
 
@@ -214,9 +215,9 @@ class GradientAccumulator:
     """
 
     def __init__(self, optimizer: Any, steps: int):
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-        self.optimizer, self.steps = optimizer, steps
+        self.optimizer, self.steps = optimizer, int(steps)
         self._sum: Any = None
         self.pending = 0  # micro-batches accumulated since the last optimizer step
 
@@ -307,7 +308,8 @@ class SkipNonFinite:
     arrays or :class:`~mlx_optim.RowSparseGrad`; LBFGS (closure-driven) is not supported.
 
     Args:
-        optimizer: one of ours.
+        optimizer: one of ours. For float16 training through float32 master weights,
+            ``MasterWeights(SkipNonFinite(opt))``: a skipped step leaves the masters too.
 
     Example:
         >>> guard = SkipNonFinite(opt)
@@ -317,8 +319,16 @@ class SkipNonFinite:
     """
 
     def __init__(self, optimizer: Any):
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"SkipNonFinite wraps one of mlx_optim's optimizers, got {type(optimizer).__name__}"
+                "; with MasterWeights, wrap the optimizer first: MasterWeights(SkipNonFinite(opt))")
         self.optimizer = optimizer
         self.state = {"skipped": mx.array(0, dtype=mx.int32)}
+
+    def init(self, parameters: Any) -> None:
+        """The optimizer's ``init`` (so that ``MasterWeights(SkipNonFinite(opt))`` works)."""
+        self.optimizer.init(parameters)
 
     def apply_gradients(self, gradients: Any, parameters: Any) -> Any:
         opt = self.optimizer

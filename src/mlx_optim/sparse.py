@@ -34,6 +34,8 @@ class RowSparseGrad:
     """
 
     def __init__(self, indices: Any, values: mx.array, num_rows: int):
+        if not isinstance(values, mx.array):
+            raise TypeError(f"RowSparseGrad values must be an mx.array, got {type(values).__name__}")
         indices = mx.array(indices).reshape(-1)
         if not mx.issubdtype(indices.dtype, mx.integer):
             raise ValueError(f"RowSparseGrad indices must be integers, got {indices.dtype}")
