@@ -503,3 +503,49 @@ def test_cubic_interpolate_rounds_as_torch(args):
     expected = _cubic_interpolate(x1, torch.tensor(f1, dtype=torch.float64), torch.tensor(g1, dtype=torch.float64),
                                   x2, torch.tensor(f2, dtype=torch.float64), torch.tensor(g2, dtype=torch.float64))
     assert cubic_interpolate(x1, f1, g1, x2, f2, g2) == float(expected)
+
+
+def test_a_malformed_closure_gradient_raises_and_changes_nothing():
+    model = nn.Linear(3, 1)
+    x = mx.random.normal((8, 3), key=mx.random.key(1))
+    y = mx.random.normal((8, 1), key=mx.random.key(2))
+    loss_and_grad = nn.value_and_grad(model, lambda m: nn.losses.mse_loss(m(x), y))
+    opt = LBFGS(max_iter=5, learning_rate=0.1)
+    opt.step(model, lambda: loss_and_grad(model))
+    state = {k: (list(v) if isinstance(v, list) else v) for k, v in opt.state.items()}
+    params = [np.array(v) for _, v in tree_flatten(model.parameters())]
+    calls = {"n": 0}
+
+    def bad_after_two():  # the line search or a later iteration gets a bad gradient
+        calls["n"] += 1
+        loss, grads = loss_and_grad(model)
+        if calls["n"] > 2:
+            grads = {**grads, "weight": mx.zeros((2, 3))}
+        return loss, grads
+
+    with pytest.raises(ValueError, match=r"closure's gradient for 'weight' has shape \(2, 3\)"):
+        opt.step(model, bad_after_two)
+    with pytest.raises(ValueError, match="gradient for 'extra' matches no parameter"):
+        opt.step(model, lambda: (loss_and_grad(model)[0], {**loss_and_grad(model)[1], "extra": mx.ones(2)}))
+    assert opt.state.keys() == state.keys()
+    for key, value in state.items():
+        assert opt.state[key] is value or opt.state[key] == value, key
+    for (k, a), b in zip(tree_flatten(model.parameters()), params):
+        np.testing.assert_array_equal(np.array(a), b, err_msg=k)
+
+
+def test_a_none_gradient_counts_as_zeros_as_torch_does():
+    params = {"a": mx.array([1.0, -2.0]), "b": mx.array([0.5])}
+
+    def with_none(p):
+        loss, grads = mx.value_and_grad(lambda q: mx.sum(q["a"] ** 2))(p)
+        return loss, {"a": grads["a"], "b": None}
+
+    def without(p):
+        loss, grads = mx.value_and_grad(lambda q: mx.sum(q["a"] ** 2))(p)
+        return loss, {"a": grads["a"]}
+
+    ours, _ = LBFGS(max_iter=4).step_tree(params, with_none)
+    reference, _ = LBFGS(max_iter=4).step_tree(params, without)
+    for key in params:
+        np.testing.assert_array_equal(np.array(ours[key]), np.array(reference[key]))

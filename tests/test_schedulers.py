@@ -536,3 +536,24 @@ def test_reduce_on_plateau_refuses_scheduled_rates_before_anything_changes():
         plateau.step(2.0)
     assert plateau.state_dict() == before
     opt.apply_gradients({"w": mx.ones(2)}, params)
+
+
+def test_reduce_on_plateau_refuses_a_constant_rate_and_a_failed_step_changes_nothing():
+    from mlx_optim import SGD
+
+    opt = SGD(learning_rate=0.1, momentum=0.9, constants=("learning_rate",))
+    with pytest.raises(ValueError, match="has it among its constants"):
+        S.ReduceLROnPlateau(opt)
+    assert opt.attached == []
+    # A reduction that raises (min_lrs for two groups, the optimizer has one, as torch's
+    # RuntimeError when groups were added) leaves the counters as they were.
+    opt = SGD(learning_rate=0.1)
+    plateau = S.ReduceLROnPlateau(opt, patience=1)
+    plateau.step(1.0)
+    plateau.step(2.0)
+    plateau.load_state_dict({**plateau.state_dict(), "min_lrs": [0.0, 0.0], "default_min_lr": None})
+    before = plateau.state_dict()
+    with pytest.raises(RuntimeError, match="number of param groups"):
+        plateau.step(3.0)
+    assert plateau.state_dict() == before
+    assert opt.learning_rate.item() == pytest.approx(0.1)

@@ -62,8 +62,9 @@ def _ravel(tree: Any) -> tuple[mx.array, Callable[[mx.array], Any], Callable[[An
     """Flatten a parameter tree into one vector.
 
     Returns the vector, ``unravel`` (vector -> tree, each leaf back in its own shape and
-    dtype) and ``ravel_like`` (a gradient tree -> vector in the same order; a missing
-    gradient counts as zeros, as torch treats ``p.grad is None``).
+    dtype) and ``ravel_like`` (a gradient tree -> vector in the same order; a missing or
+    ``None`` gradient counts as zeros, as torch treats ``p.grad is None``; a gradient for
+    no parameter, or of another shape, raises ``ValueError``).
     """
     named = tree_flatten(tree)
     if not named:
@@ -81,7 +82,17 @@ def _ravel(tree: Any) -> tuple[mx.array, Callable[[mx.array], Any], Callable[[An
         return tree_map(lambda p: next(pieces).reshape(p.shape).astype(p.dtype), tree)
 
     def ravel_like(grads: Any) -> mx.array:
-        by_key = dict(tree_flatten(grads))
+        by_key = {k: g for k, g in tree_flatten(grads) if g is not None}
+        shapes = dict(zip(keys, (p.shape for p in leaves)))
+        for k, g in by_key.items():
+            if k not in shapes:
+                raise ValueError(f"the closure's gradient for {k!r} matches no parameter")
+            if not isinstance(g, mx.array) or not mx.issubdtype(g.dtype, mx.floating):
+                raise ValueError(f"the closure's gradient for {k!r} must be a floating-point "
+                                 f"mx.array, got {getattr(g, 'dtype', type(g).__name__)}")
+            if g.shape != shapes[k]:
+                raise ValueError(f"the closure's gradient for {k!r} has shape {tuple(g.shape)}, "
+                                 f"the parameter {tuple(shapes[k])}")
         return mx.concatenate([
             by_key[k].reshape(-1).astype(flat.dtype) if k in by_key else mx.zeros(p.size, flat.dtype)
             for k, p in zip(keys, leaves)
@@ -207,7 +218,11 @@ class LBFGS(Checkpointable):
             loss, grads = closure()
             return loss, ravel_like(grads)
 
-        x, orig_loss, _ = self._run(flat, evaluate)
+        try:
+            x, orig_loss, _ = self._run(flat, evaluate)
+        except BaseException:
+            model.update(unravel(flat))  # the model is left as it was, with the state
+            raise
         model.update(unravel(x))
         mx.eval(model.parameters())
         return orig_loss
@@ -232,8 +247,18 @@ class LBFGS(Checkpointable):
         """torch's ``LBFGS.step`` on a flat vector.
 
         Returns the new ``x``, the loss at the ``x`` passed in, and ``(loss, grad)`` at the
-        new ``x`` (``None`` when the last fixed step was not evaluated, as in torch).
+        new ``x`` (``None`` when the last fixed step was not evaluated, as in torch). If an
+        evaluation raises (a closure's error, a malformed gradient), the state is put back.
         """
+        saved = dict(self.state)  # its lists are replaced, never changed in place
+        try:
+            return self._iterate(x, evaluate)
+        except BaseException:
+            self.state.clear()
+            self.state.update(saved)
+            raise
+
+    def _iterate(self, x: mx.array, evaluate: Callable[[mx.array], tuple[Any, mx.array]]):
         state = self.state
         lr = scalar_value("learning_rate", self.learning_rate)
         evals = 1  # this step's evaluations, counting the first one below

@@ -180,6 +180,11 @@ class Schedule:
     def _at(self, k: mx.array, dtype: mx.Dtype) -> mx.array:
         raise NotImplementedError
 
+    def _after_milestone(self, k: mx.array, dtype: mx.Dtype) -> mx.array:
+        """The value as a child of ``SequentialLR`` started at a milestone, ``k`` steps in:
+        torch starts such a child with its closed form at step 0, not its first step."""
+        return self._at(k, dtype)
+
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({shown})"
@@ -333,7 +338,9 @@ class ConstantLR(Schedule):
         >>> schedule = ConstantLR(0.05, factor=0.5, total_iters=40)
 
     Differences: none; the rate after ``T`` is torch's ``(eta * f) * (1 / f)`` (with
-    ``f = 0`` torch divides by zero; this gives ``eta``). ``T = 0`` keeps ``eta * f``.
+    ``f = 0`` torch divides by zero; this gives ``eta``). ``T = 0`` keeps ``eta * f``, as
+    torch's; as a child of ``SequentialLR`` after a milestone, ``T = 0`` gives the rate
+    (torch starts such a child from its closed form).
     """
 
     def __init__(self, learning_rate: float, factor: float = 1.0 / 3, total_iters: int = 5):
@@ -352,6 +359,11 @@ class ConstantLR(Schedule):
             return _full(self._during, k, dtype)
         return mx.where(k >= self.total_iters, mx.array(self._after, dtype),
                         mx.array(self._during, dtype))
+
+    def _after_milestone(self, k, dtype):
+        if self.total_iters == 0:   # torch's closed form at 0: the rate times f + (1 - f)
+            return _full(self.learning_rate * (self.factor + (1.0 - self.factor)), k, dtype)
+        return self._at(k, dtype)
 
 
 class LinearLR(Schedule):
@@ -787,7 +799,7 @@ class SequentialLR(Schedule):
     def _at(self, k, dtype):
         value = self.schedules[0]._at(k, dtype)
         for start, schedule in zip(self.milestones, self.schedules[1:]):
-            later = schedule._at(mx.maximum(k - start, 0), dtype)
+            later = schedule._after_milestone(mx.maximum(k - start, 0), dtype)
             value = mx.where(k >= start, later, value)
         return value
 
@@ -909,7 +921,7 @@ class ReduceLROnPlateau:
         if factor >= 1.0:
             raise ValueError(f"Factor should be < 1.0. (factor={factor})")
         self.optimizer = optimizer
-        _refuse_scheduled_rates(optimizer)
+        _refuse_unsettable_rates(optimizer)
         groups = len(_rate_slots(optimizer))
         if isinstance(min_lr, (list, tuple)):
             if len(min_lr) != groups:
@@ -951,18 +963,20 @@ class ReduceLROnPlateau:
     def step(self, metric: Any) -> None:
         """Record one evaluation of the metric (a number or a 1-element array)."""
         current = float(metric.item() if isinstance(metric, mx.array) else metric)
-        _refuse_scheduled_rates(self.optimizer)  # (assigned since): before anything changes
-        self.last_epoch += 1
-        if self.is_better(current, self.best):
-            self.best, self.num_bad_epochs = current, 0
+        _refuse_unsettable_rates(self.optimizer)  # (assigned since): before anything changes
+        # Counted in locals and set once the rates are reduced: a failed call changes nothing.
+        best, bad, cooldown = self.best, self.num_bad_epochs, self.cooldown_counter
+        if self.is_better(current, best):
+            best, bad = current, 0
         else:
-            self.num_bad_epochs += 1
-        if self.in_cooldown:
-            self.cooldown_counter -= 1
-            self.num_bad_epochs = 0
-        if self.num_bad_epochs > self.patience:
+            bad += 1
+        if cooldown > 0:
+            cooldown, bad = cooldown - 1, 0
+        if bad > self.patience:
             self._reduce_lr()
-            self.cooldown_counter, self.num_bad_epochs = self.cooldown, 0
+            cooldown, bad = self.cooldown, 0
+        self.last_epoch += 1
+        self.best, self.num_bad_epochs, self.cooldown_counter = best, bad, cooldown
         self._last_lr = [get() for get, _ in _rate_slots(self.optimizer)]
 
     def _reduce_lr(self) -> None:
@@ -1025,9 +1039,13 @@ class ReduceLROnPlateau:
                                  f"{' or '.join(k.__name__ for k in kinds)}")
 
 
-def _refuse_scheduled_rates(optimizer: Any) -> None:
+def _refuse_unsettable_rates(optimizer: Any) -> None:
     """ReduceLROnPlateau sets numbers; a group of ours whose rate is a schedule cannot take
-    one once stepped (a compiled step holds the schedule), so such groups are refused."""
+    one once stepped (a compiled step holds the schedule), nor can a rate compiled in as
+    one of the optimizer's ``constants``: such optimizers are refused."""
+    if "learning_rate" in getattr(optimizer, "_constants", ()):
+        raise ValueError("ReduceLROnPlateau sets the learning rate, but this optimizer has it "
+                         "among its constants (compiled into its step); build it without")
     scheduled = [i for i, values in enumerate(getattr(optimizer, "_group_values", ()))
                  if is_schedule(values.get("learning_rate"))]
     if scheduled:

@@ -115,6 +115,11 @@ CASES = [
                                          sub("StepLR", step_size=100, gamma=0.5),
                                          sub("CosineAnnealingLR", T_max=300)],
                               milestones=[20, 600]), id="SequentialLR-three"),
+    # torch starts a later child from its closed form: a ConstantLR with total_iters=0
+    # gives the full rate there, not the scaled one it gives on its own.
+    Case("SequentialLR", dict(schedules=[sub("ExponentialLR", gamma=0.5),
+                                         sub("ConstantLR", factor=0.3, total_iters=0)],
+                              milestones=[3]), id="SequentialLR-exp-constant0"),
     Case("SequentialLR", dict(schedules=[sub("MultiStepLR", milestones=[5, 15]),
                                          sub("PolynomialLR", total_iters=500, power=2.0)],
                               milestones=[50]), id="SequentialLR-multistep-poly"),
