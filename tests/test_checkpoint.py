@@ -175,8 +175,40 @@ def _class_not_an_index(sd):
     sd["step_class_of"] = {path: 0.0 for path in sd["step_class_of"]}
 
 
+def _group_value(name, value, group=0):
+    """A damage: the checkpoint's group value of ``name`` replaced by ``value``."""
+    def damage(sd):
+        sd["groups"][group][name] = value
+    damage.__name__ = f"{name}_{value!r}"
+    return damage
+
+
+def _state_learning_rate_negative(sd):
+    # The groups still say 0.001; the array the step reads says -1.
+    sd["state"]["learning_rate"] = mx.array(-1.0, dtype=sd["state"]["learning_rate"].dtype)
+
+
+def _state_beta1_out_of_range(sd):
+    betas = sd["state"]["betas"]
+    sd["state"]["betas"] = [mx.array(1.5, dtype=betas[0].dtype), betas[1]]
+
+
 BAD_DICTS = [
     (_groups_not_dicts, "groups, active terms or step_class_of are damaged"),
+    # Values of the wrong type (they would pass for a flag: True ran as eps=1) or that the
+    # constructor refuses, in the groups or in the arrays the step reads.
+    (_group_value("eps", None), r"default group: eps is None in the checkpoint, not a number"),
+    (_group_value("eps", "1e-8"), r"eps is '1e-8' in the checkpoint, not a number"),
+    (_group_value("eps", True), r"eps is True in the checkpoint, not a number"),
+    (_group_value("betas", [None, 0.999]), r"betas\[0\] is None in the checkpoint, not a number"),
+    (_group_value("betas", [0.9, "0.999"]), r"betas\[1\] is '0.999' in the checkpoint, not a number"),
+    (_group_value("betas", [1.5, 0.999]), r"default group: .*Invalid beta parameter at index 0: 1.5"),
+    (_group_value("learning_rate", -1.0), r"Invalid learning rate: -1.0 \(learning_rate must be"),
+    (_group_value("learning_rate", float("nan")), r"Invalid learning rate: nan"),
+    (_group_value("amsgrad", "no"), r"amsgrad is a flag: it must be True or False, got 'no'"),
+    (_state_learning_rate_negative, r"learning_rate is 0.001 in the checkpoint's groups but -1.0 "
+                                    r"in its state: the checkpoint is damaged"),
+    (_state_beta1_out_of_range, r"betas\[0\] is 0.9 in the checkpoint's groups but 1.5 in its state"),
     (_class_not_an_index, "step class 0.0 of parameter .* is out of range"),
     (_drop_key, r"state of parameter 'blocks.1.kernel'.*lacks key\(s\) \['exp_avg_sq'\]"),
     (_wrong_shape, r"state of parameter 'layer.weight'\['exp_avg'\].*shape \(3, 4\).*\(4, 3\)"),
@@ -250,6 +282,41 @@ def test_file_with_array_missing_is_damaged(tmp_path):
     _, opt = _trained()
     before = snapshot(opt)
     with pytest.raises(ValueError, match="damaged: array 'state.param_state.layer.weight.exp_avg' is missing"):
+        opt.load(path)
+    assert_unchanged(opt, before)
+
+
+def _edit_metadata(path, edit):
+    """Rewrite the checkpoint file at ``path`` with ``edit`` applied to its JSON metadata."""
+    arrays, metadata = mx.load(str(path), return_metadata=True)
+    meta = json.loads(metadata["mlx_optim"])
+    edit(meta)
+    mx.save_safetensors(str(path), arrays, metadata={"mlx_optim": json.dumps(meta)})
+
+
+DAMAGED_NODES = [
+    (lambda m: m["state"].update({"dict": [1, 2]}), "unexpected metadata node"),
+    (lambda m: m["state"]["dict"].update({"step": {"list": 5}}), "unexpected metadata node"),
+    (lambda m: m["state"]["dict"].update({"step": {"array": ["x"]}}), "unexpected metadata node"),
+    (lambda m: m["state"]["dict"].update({"step": {"array": "state.step", "dtype": "int4"}}),
+     "unknown stored dtype 'int4'"),
+    (lambda m: m["state"]["dict"].update({"eps": {"value": [1e-8]}}), "unexpected metadata node"),
+    (lambda m: m["groups"][0].update({"learning_rate": None}),
+     "learning_rate is None in the checkpoint, not a number"),
+]
+
+
+@pytest.mark.parametrize("edit, match", DAMAGED_NODES, ids=[
+    "dict_holds_a_list", "list_holds_a_number", "array_named_by_a_list", "unknown_dtype",
+    "value_is_a_list", "null_learning_rate"])
+def test_damaged_metadata_raises_value_error_and_changes_nothing(tmp_path, edit, match):
+    _, source = _trained()
+    path = tmp_path / "opt.safetensors"
+    source.save(path)
+    _edit_metadata(path, edit)
+    _, opt = _trained(steps=2)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=match):
         opt.load(path)
     assert_unchanged(opt, before)
 
@@ -405,6 +472,50 @@ def test_load_into_a_compiled_step_keeps_this_optimizers_parameter_order(tmp_pat
     assert_bitwise(resumed, expected, "params")
     for key in ("a", "b"):
         assert_bitwise(opt.state["param_state"][key], saver.state["param_state"][key], key)
+
+
+def test_init_before_load_keeps_fresh_state_of_parameters_the_checkpoint_lacks(tmp_path):
+    """The saving optimizer met only some parameters (partial gradients, lazy state): after
+    init, the others' state here is fresh (step 0) and stays, also under a step compiled
+    before the load; resuming equals not stopping. A parameter stepped here is refused."""
+    start = {"a": mx.array([1.0, 2.0]), "b": mx.array([0.5, -0.5]), "c": mx.array([3.0])}
+    saver = mlx_optim.ASGD(learning_rate=0.01, t0=0)  # 0-d state (eta, mu) per step set too
+    params = start
+    for _ in range(2):
+        params = {**params, **saver.apply_gradients(_partial_grads(params, {"a"}), params)}
+    saver.save(tmp_path / "only_a")
+    expected = params
+    for only in ({"a"}, None):  # then every parameter: b and c start in the saver only now
+        expected = {**expected, **saver.apply_gradients(_partial_grads(expected, only), expected)}
+
+    opt = mlx_optim.ASGD(learning_rate=0.01, t0=0)
+    opt.init(start)
+    step = mx.compile(lambda p: opt.apply_gradients(_partial_grads(p, {"a"}), p),
+                      inputs=[opt.state], outputs=[opt.state])
+    mx.eval(step(start), opt.state)  # traced with a stepped, b and c fresh
+    opt.load(tmp_path / "only_a")
+    assert list(opt.state["param_state"]) == ["a", "b", "c"]
+    assert [opt.state["param_state"][k]["step"].item() for k in "abc"] == [2, 0, 0]
+    resumed = {**params, **step(params)}
+    resumed = {**resumed, **opt.apply_gradients(_partial_grads(resumed), resumed)}
+    mx.eval(resumed, opt.state)
+    assert_bitwise(resumed, expected, "params")
+    assert_bitwise(opt.state["param_state"], saver.state["param_state"], "param_state")
+
+    # A checkpoint written before any state, into an optimizer after init: nothing to lose.
+    fresh = mlx_optim.ASGD(learning_rate=0.01, t0=0)
+    fresh.init(start)
+    before = fresh.state_dict()["state"]["param_state"]
+    fresh.load_state_dict(mlx_optim.ASGD(learning_rate=0.01, t0=0).state_dict())
+    assert_bitwise(fresh.state["param_state"], before, "fresh state")
+
+    stepped = mlx_optim.ASGD(learning_rate=0.01, t0=0)
+    stepped.apply_gradients(_partial_grads(start), start)
+    snap = snapshot(stepped)
+    with pytest.raises(ValueError, match=r"no state for parameter\(s\) \['b', 'c'\], which this "
+                                         r"optimizer has stepped"):
+        stepped.load(tmp_path / "only_a")
+    assert_unchanged(stepped, snap)
 
 
 def test_a_loaded_step_set_spanning_new_groups_splits_without_init(tmp_path):

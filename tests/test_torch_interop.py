@@ -111,6 +111,20 @@ def test_a_torch_term_this_optimizer_lacks_raises_and_changes_nothing():
         assert getattr(ours, name).item() == 0.0 and ours.state["step"].item() == 0
 
 
+def test_a_torch_value_that_is_not_a_number_raises_and_changes_nothing():
+    w, torch_opt = _torch_adam_state()
+    params = {"w": mx.array(w.detach().numpy())}
+    opt = mlx_optim.Adam(learning_rate=0.5)
+    opt.init(params)
+    for name, value, match in (("lr", torch.tensor([0.1, 0.2]), r"learning_rate is \[0.1"),
+                               ("eps", None, "eps is None"), ("lr", -1.0, "Invalid learning rate")):
+        sd = torch_opt.state_dict()
+        sd["param_groups"][0][name] = value
+        with pytest.raises(ValueError, match=match):
+            load_torch_state_dict(opt, sd, ["w"], params)
+        assert opt.learning_rate.item() == 0.5 and opt.state["param_state"]["w"]["step"].item() == 0
+
+
 def test_export_leaves_out_parameters_never_stepped():
     # torch has no state for a parameter it never stepped; SGD's first step then copies the
     # gradient into the buffer (undamped), which a zero buffer from us would not.
@@ -174,3 +188,79 @@ def test_bfloat16_state_round_trips_through_torch():
     back = to_torch_state_dict(opt, ["w"])["state"][0]
     for key, value in torch_opt.state[w].items():
         assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
+
+
+def _torch_adam_state(dtype=torch.float32, steps=2):
+    w = torch.tensor([1 / 3, -2 / 7, 3.1415926535897], dtype=dtype, requires_grad=True)
+    torch_opt = torch.optim.Adam([w], lr=0.01)
+    for _ in range(steps):
+        torch_opt.zero_grad()
+        (w ** 3).sum().backward()
+        torch_opt.step()
+    return w, torch_opt
+
+
+def _assert_state_is_torchs(slot, torch_state):
+    """Every state array of ours equals torch's bit for bit (step as our int32)."""
+    assert set(slot) == set(torch_state)
+    for key, value in torch_state.items():
+        if key == "step":
+            assert slot[key].item() == int(value.item())
+        else:
+            expected = value.detach().float().numpy() if value.dtype == torch.bfloat16 else value.numpy()
+            assert slot[key].dtype == {torch.float32: mx.float32, torch.float64: mx.float64,
+                                       torch.bfloat16: mx.bfloat16}[value.dtype], key
+            ours = slot[key].astype(mx.float32) if slot[key].dtype == mx.bfloat16 else slot[key]
+            assert np.array_equal(np.array(ours), expected), key
+
+
+def test_import_with_a_plateau_scheduler_attached_keeps_its_state():
+    """torch's state dict holds no attached scheduler: the import succeeds and the
+    attached ReduceLROnPlateau's state stays as it was."""
+    w, torch_opt = _torch_adam_state()
+    params = {"w": mx.array(w.detach().numpy())}
+    opt = mlx_optim.Adam(learning_rate=0.5)
+    plateau = mlx_optim.ReduceLROnPlateau(opt, patience=5, factor=0.5)
+    for metric in (1.0, 1.0, 1.0):
+        plateau.step(metric)
+    before = plateau.state_dict()
+    load_torch_state_dict(opt, torch_opt.state_dict(), ["w"], params)
+    assert plateau.state_dict() == before and before["num_bad_epochs"] > 0
+    assert opt.learning_rate.item() == 0.01
+    _assert_state_is_torchs(opt.state["param_state"]["w"], torch_opt.state[w])
+
+
+def test_float64_state_is_imported_bitwise():
+    """float64 state (also 0-d: ASGD's eta and mu, NAdam's mu_product, float64 when torch's
+    default dtype is) arrives as torch holds it, not rounded through float32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for cls, ours in ((torch.optim.Adam, mlx_optim.Adam), (torch.optim.ASGD, mlx_optim.ASGD),
+                          (torch.optim.NAdam, mlx_optim.NAdam)):
+            w = torch.tensor([1 / 3, -2 / 7, 3.1415926535897], requires_grad=True)
+            torch_opt = cls([w], lr=0.0123, **({"t0": 0} if cls is torch.optim.ASGD else {}))
+            for _ in range(3):
+                torch_opt.zero_grad()
+                (w ** 3).sum().backward()
+                torch_opt.step()
+            opt = ours(learning_rate=0.0123, **({"t0": 0} if ours is mlx_optim.ASGD else {}))
+            params = {"w": mx.array(w.detach().numpy(), dtype=mx.float64)}
+            load_torch_state_dict(opt, torch_opt.state_dict(), ["w"], params)
+            _assert_state_is_torchs(opt.state["param_state"]["w"], torch_opt.state[w])
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_import_makes_state_in_state_dtype():
+    """bfloat16 weights with opt.state_dtype = float32: torch's float32 state is kept in
+    float32, as init would make it, with init before the import or without."""
+    w, torch_opt = _torch_adam_state()
+    params = {"w": mx.array(w.detach().numpy()).astype(mx.bfloat16)}
+    for init_first in (False, True):
+        opt = mlx_optim.Adam(learning_rate=0.01)
+        opt.state_dtype = mx.float32
+        if init_first:
+            opt.init(params)
+        load_torch_state_dict(opt, torch_opt.state_dict(), ["w"], params)
+        _assert_state_is_torchs(opt.state["param_state"]["w"], torch_opt.state[w])

@@ -493,15 +493,21 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
             if cls is None:
                 cls = new_classes[(index, param.dtype)] = self._new_step_class(mx.array(0, dtype=mx.int32))
             self._class_of[path] = cls
-            slot = {"step": self._state["step_classes"][cls]}
-            state = self.init_state(param, self._hypers(index), self._active[index])
-            if self.state_dtype is not None:  # e.g. float32 moments for bfloat16 weights
-                state = {k: v.astype(self.state_dtype) if v.dtype == param.dtype else v
-                         for k, v in state.items()}
-            slot.update(state)
+            slot = {"step": self._state["step_classes"][cls],
+                    **self._new_state(param, self._hypers(index), self._active[index])}
             self._put_slot(keys, slot)
             self._slot_shapes[path] = param.shape
         self._initialized = True
+
+    def _new_state(self, param: mx.array, hyper: dict[str, Any], active: dict[str, bool]
+                   ) -> dict[str, mx.array]:
+        """``init_state``, in ``state_dtype`` where that is set (e.g. float32 moments for
+        bfloat16 weights)."""
+        state = self.init_state(param, hyper, active)
+        if self.state_dtype is None:
+            return state
+        return {k: v.astype(self.state_dtype) if v.dtype == param.dtype else v
+                for k, v in state.items()}
 
     # ----------------------------------------------------------------- shared steps
     def _new_step_class(self, step: mx.array) -> int:
@@ -603,7 +609,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         if self._slot_shapes.get(path) == param.shape:
             return
         index = self._group_of(path, param)
-        expected = self.init_state(param, self._hypers(index), self._active[index])
+        expected = self._new_state(param, self._hypers(index), self._active[index])
         have = {k: tuple(v.shape) for k, v in slot.items() if k != "step"}
         want = {k: tuple(v.shape) for k, v in expected.items()}
         if have != want:

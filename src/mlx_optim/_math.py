@@ -62,16 +62,36 @@ def cast(scalar: mx.array | float, like: mx.array, *, shared: bool = False) -> m
     return mx.contiguous(scalar).astype(like.dtype)
 
 
-def lerp(start: mx.array, end: mx.array, weight: mx.array) -> mx.array:
-    """``start + weight * (end - start)``, torch's ``lerp`` (an exponential moving average)."""
-    return start + cast(weight, start) * (end - start)
+def lerp(start: mx.array, end: mx.array, weight: mx.array | float, *,
+         single_rounding: bool = False) -> mx.array:
+    """torch's ``lerp``: ``start + w (end - start)`` for ``|w| < 0.5``, else
+    ``end + (w - 1)(end - start)``, in ``start``'s dtype.
+
+    The second form is exact at ``w = 1`` (a decay of 0, as Adam's ``betas=(0, 0.99)``),
+    where the first would leave ``end`` with the rounding error of ``end - start``.
+    torch's CPU kernel rounds the multiply-add once; MLX's kernels round each op. With
+    ``single_rounding`` a float32 lerp is computed in float64 (where the product is exact)
+    where the device has float64: for Muon, whose bfloat16 Newton–Schulz turns a float32
+    ulp of its input into a bfloat16 one. Elsewhere the ulp stays an ulp, and the float64
+    detour would cost the fused kernels their speed (Adamax's step 1.5x).
+    """
+    w = cast(weight, start)
+    small = mx.abs(w) < 0.5
+    coeff, base, diff = mx.where(small, w, w - 1), mx.where(small, start, end), end - start
+    if single_rounding and start.dtype == mx.float32 and scalar_dtype() == mx.float64:
+        wide = mx.float64
+        return (coeff.astype(wide) * diff.astype(wide) + base.astype(wide)).astype(mx.float32)
+    return coeff * diff + base
 
 
 def ema_square(avg: mx.array, grad: mx.array, decay: mx.array) -> mx.array:
     """``decay * avg + (1 - decay) * grad**2``, the running mean of squared gradients.
 
-    Written as a lerp: one scalar reaches the fused kernel instead of two (each scalar
-    input costs time in MLX's CPU kernels, see ``cast``); equal up to rounding.
+    torch multiplies and adds (``mul_``, ``addcmul_``); this is the lerp that equals it, up
+    to rounding and exactly at a decay of 0 or 1, with one scalar reaching the fused kernel
+    instead of two (each scalar input costs time in MLX's CPU kernels, see ``cast``: 5% of
+    an Adam step). One difference is left: once ``avg`` overflows to ``inf`` (gradients
+    above 1.8e19 in float32), ``inf - inf`` makes it NaN where torch keeps ``inf``.
     """
     return lerp(avg, mx.square(grad), 1 - decay)
 

@@ -9,9 +9,11 @@ else as JSON in the file's metadata (key ``"mlx_optim"``). float64 arrays, which
 safetensors in MLX cannot hold, are stored as their uint64 bit patterns.
 
 ``opt.load_state_dict(sd)`` / ``opt.load(path)`` validate everything first: optimizer
-type, format version, groups and their flags, the state's keys, shapes and dtypes
-(against the optimizer's own state where it has one: call ``opt.init(params)`` before
-loading to check every parameter's slot). Any mismatch, or a damaged file, raises
+type, format version, groups, their flags and values (checked as the constructor checks
+them), the state's keys, shapes and dtypes (against the optimizer's own state where it
+has one: call ``opt.init(params)`` before loading to check every parameter's slot; a
+parameter the checkpoint lacks keeps its state here if it has never stepped here, as the
+saving optimizer had not met it yet). Any mismatch, or a damaged file, raises
 ``ValueError`` naming what differs, and the optimizer is left exactly as it was.
 Only then is the state swapped, **in place**: the same ``opt.state`` dict object receives
 the loaded contents, so a step compiled with ``mx.compile(step, inputs=[opt.state],
@@ -32,12 +34,14 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
 import mlx.core as mx
 
 from ._base import _Glob, _as_array, _lookup, _nonzero, _slots, insert_slot, is_schedule, is_slot
+from ._validate import check, scalar_value
 
 FORMAT = "mlx_optim.checkpoint"
 VERSION = 1
@@ -213,11 +217,19 @@ def _encode(tree: Any, arrays: dict, path: str) -> Any:
     raise TypeError(f"cannot save {type(tree).__name__} at {path!r} in an optimizer checkpoint")
 
 
+# The metadata nodes _encode writes: their keys, and the type of each key's value.
+_NODES = ({"array": str}, {"array": str, "dtype": str}, {"dict": dict}, {"list": list},
+          {"value": (type(None), bool, int, float, str)})
+
+
 def _decode(node: Any, arrays: dict, used: set, path: str) -> Any:
     def damaged(why: str) -> ValueError:
         return ValueError(f"optimizer checkpoint {path!r} is damaged: {why}")
 
-    if not isinstance(node, dict) or len(node) not in (1, 2):
+    # A node of any other shape (edited or corrupted JSON) is damage, not a crash below.
+    if not (isinstance(node, dict) and any(
+            set(node) == set(kinds) and all(isinstance(node[k], t) for k, t in kinds.items())
+            for kinds in _NODES)):
         raise damaged(f"unexpected metadata node {str(node)[:80]}")
     if "array" in node:
         name = node["array"]
@@ -225,7 +237,9 @@ def _decode(node: Any, arrays: dict, used: set, path: str) -> Any:
             raise damaged(f"array {name!r} is missing")
         used.add(name)
         value = arrays[name]
-        if node.get("dtype") == "float64":
+        if "dtype" in node:  # only float64 is stored as other bits (see _encode)
+            if node["dtype"] != "float64":
+                raise damaged(f"array {name!r} has unknown stored dtype {node['dtype']!r}")
             if value.dtype != mx.uint64:
                 raise damaged(f"array {name!r} should hold float64 bits")
             value = value.reshape(-1).view(mx.float64).reshape(value.shape)
@@ -234,9 +248,7 @@ def _decode(node: Any, arrays: dict, used: set, path: str) -> Any:
         return {k: _decode(v, arrays, used, path) for k, v in node["dict"].items()}
     if "list" in node:
         return [_decode(v, arrays, used, path) for v in node["list"]]
-    if "value" in node:
-        return node["value"]
-    raise damaged(f"unexpected metadata node {str(node)[:80]}")
+    return node["value"]
 
 
 # ------------------------------------------------------------- our base optimizers
@@ -358,29 +370,8 @@ def _load_base(opt: Any, sd: dict) -> None:
     if len(groups) != len(opt._group_values):
         raise ValueError(f"the checkpoint has {len(groups)} parameter group(s), this {name} "
                          f"{len(opt._group_values)}")
-    new_values = []
-    for index, (saved, current) in enumerate(zip(groups, opt._group_values)):
-        where = "default group" if index == 0 else f"group {index - 1}"
-        _same_keys(saved, current, f"{where} hyperparameters")
-        values = {}
-        for key, value in current.items():
-            stored = saved[key]
-            if opt._is_static(key, value):
-                if _jsonable(value) != stored:
-                    raise ValueError(f"{where}: {key} is {stored!r} in the checkpoint and "
-                                     f"{_jsonable(value)!r} in this optimizer, which fixes it "
-                                     f"when built (a flag or one of its constants): build it "
-                                     f"with {key}={stored!r}")
-                values[key] = value
-            elif isinstance(value, (tuple, list)):  # betas: each element a number or a schedule
-                if not (isinstance(stored, list) and len(stored) == len(value)):
-                    raise ValueError(f"{where}: {key} is {stored!r} in the checkpoint, expected "
-                                     f"{len(value)} values")
-                values[key] = tuple(_loaded_value(f"{where}: {key}[{i}]", v, s)
-                                    for i, (v, s) in enumerate(zip(value, stored)))
-            else:
-                values[key] = _loaded_value(f"{where}: {key}", value, stored)
-        new_values.append(values)
+    new_values = [_loaded_group(opt, _group_name(index), saved, current)
+                  for index, (saved, current) in enumerate(zip(groups, opt._group_values))]
     if active != [dict(a) for a in opt._active]:
         raise ValueError(f"the checkpoint's non-zero structural terms {sd['active']} differ from "
                          f"this optimizer's {opt._active} (e.g. weight_decay 0 in one and not the other)")
@@ -400,20 +391,20 @@ def _load_base(opt: Any, sd: dict) -> None:
             continue
         new_state[key] = _check_like(saved[key], current[key], f"state[{key!r}]",
                                      cast_floats=key != "step")
+    _check_arrays_hold_values(opt, saved, new_values)
     slots = _saved_slots(saved["param_state"], "state['param_state']")
     current_slots = {keys: slot for keys, slot in _slots(current["param_state"])}
+    fresh: dict = {}
     if current_slots:  # this optimizer knows its parameters: the checkpoint must match them
-        missing = sorted(_dot(k) for k in set(current_slots) - {k for k, _ in slots})
-        extra = sorted(_dot(k) for k in {k for k, _ in slots} - set(current_slots))
-        if missing:
-            raise ValueError(f"the checkpoint has no state for parameter(s) {missing[:5]}")
+        saved_slots = dict(slots)
+        fresh = _fresh_slots_kept(current_slots, saved_slots)
+        extra = sorted(_dot(k) for k in set(saved_slots) - set(current_slots))
         if extra:
             raise ValueError(f"the checkpoint has state for unknown parameter(s) {extra[:5]}")
         # In this optimizer's order, parameters and keys alike: a compiled step pairs state
         # leaves by position, so a checkpoint written in another order must not reorder them.
-        saved_slots = dict(slots)
         slots = [(keys, _check_like(saved_slots[keys], slot, f"state of parameter {_dot(keys)!r}"))
-                 for keys, slot in current_slots.items()]
+                 for keys, slot in current_slots.items() if keys in saved_slots]
 
     classes = saved["step_classes"]
     if not isinstance(classes, list) or not all(
@@ -427,6 +418,14 @@ def _load_base(opt: Any, sd: dict) -> None:
             raise ValueError(f"step class {cls!r} of parameter {_dot(keys)!r} is out of range")
         if slot["step"].item() != classes[cls].item():
             raise ValueError(f"the step of parameter {_dot(keys)!r} disagrees with its step class")
+    if fresh:
+        # Kept in a step set of their own (step 0, their own scalar state), in their place
+        # in this optimizer's order.
+        classes = [*classes, mx.array(0, dtype=mx.int32)]
+        class_of = {**class_of, **{_dot(keys): len(classes) - 1 for keys in fresh}}
+        loaded = dict(slots)
+        slots = [(keys, loaded[keys] if keys in loaded else slot)
+                 for keys, slot in current_slots.items()]
 
     new_classes, new_class_of = _loaded_step_classes(opt, [_dot(k) for k, _ in slots],
                                                      classes, class_of)
@@ -445,6 +444,78 @@ def _load_base(opt: Any, sd: dict) -> None:
     opt._class_of = new_class_of
 
 
+def _fresh_slots_kept(current_slots: dict, saved_slots: dict) -> dict:
+    """This optimizer's slots that the checkpoint lacks. Its optimizer never met those
+    parameters (a partial gradient tree, a save before ``init``), so a slot that has
+    learned nothing here (step 0) is kept; one stepped here would lose what it learned."""
+    missing = {keys: slot for keys, slot in current_slots.items() if keys not in saved_slots}
+    stepped = sorted(_dot(k) for k, slot in missing.items() if slot["step"].item() != 0)
+    if stepped:
+        raise ValueError(f"the checkpoint has no state for parameter(s) {stepped[:5]}, which "
+                         "this optimizer has stepped")
+    return missing
+
+
+def _group_name(index: int) -> str:
+    return "default group" if index == 0 else f"group {index - 1}"
+
+
+def _loaded_group(opt: Any, where: str, saved: dict, current: dict) -> dict:
+    """One saved group's values as this optimizer will hold them, checked as its
+    constructor checks values (a flag where ours has a flag, a number where ours has a
+    number, then the rules): a damaged value would otherwise load and break the step."""
+    _same_keys(saved, current, f"{where} hyperparameters")
+    values = {}
+    for key, value in current.items():
+        stored = saved[key]
+        if opt._is_static(key, value):
+            try:  # a flag of ours must be a flag there (0 and 1 pass, as when built)
+                opt._as_flags({key: stored})
+            except TypeError as error:
+                raise ValueError(f"{where}: {error} (in the checkpoint)") from None
+            if _jsonable(value) != stored:
+                raise ValueError(f"{where}: {key} is {stored!r} in the checkpoint and "
+                                 f"{_jsonable(value)!r} in this optimizer, which fixes it "
+                                 f"when built (a flag or one of its constants): build it "
+                                 f"with {key}={stored!r}")
+            values[key] = value
+        elif isinstance(value, (tuple, list)):  # betas: each element a number or a schedule
+            if not (isinstance(stored, list) and len(stored) == len(value)):
+                raise ValueError(f"{where}: {key} is {stored!r} in the checkpoint, expected "
+                                 f"{len(value)} values")
+            values[key] = tuple(_loaded_value(f"{where}: {key}[{i}]", v, s)
+                                for i, (v, s) in enumerate(zip(value, stored)))
+        else:
+            values[key] = _loaded_value(f"{where}: {key}", value, stored)
+    try:
+        check(opt.rules, values)
+        opt._validate_group(values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: the checkpoint's hyperparameters are invalid: {error}") from None
+    return values
+
+
+def _check_arrays_hold_values(opt: Any, saved: dict, values: list[dict]) -> None:
+    """Raise ``ValueError`` unless the checkpoint's hyperparameter arrays (what the step
+    reads) hold its groups' values (what was checked): a damaged file can differ."""
+    for index, group in enumerate(values):
+        target = saved if index == 0 else saved["param_groups"][index - 1]
+        for name, value in group.items():
+            if opt._is_static(name, value):
+                continue
+            pairs = ([(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, target[name]))]
+                     if isinstance(value, tuple) else [(name, value, target[name])])
+            for label, number, array in pairs:  # a schedule's array is its last value: not checked
+                if is_schedule(number):
+                    continue
+                # Compared as Python numbers: no array op (float64 has none on the GPU).
+                held, want = array.item(), _as_array(number, array.dtype).item()
+                if held != want and not (math.isnan(held) and math.isnan(want)):
+                    raise ValueError(f"{_group_name(index)}: {label} is {number!r} in the "
+                                     f"checkpoint's groups but {held!r} in its state: "
+                                     "the checkpoint is damaged")
+
+
 def _loaded_value(where: str, ours: Any, stored: Any) -> Any:
     """One saved hyperparameter value (or tuple element); a schedule stays this optimizer's."""
     if is_schedule(ours):
@@ -455,7 +526,11 @@ def _loaded_value(where: str, ours: Any, stored: Any) -> Any:
     if stored == _SCHEDULE:
         raise ValueError(f"{where} is a schedule in the checkpoint; build this optimizer with "
                          "a schedule for it too")
-    return tuple(stored) if isinstance(stored, list) else stored
+    try:  # a number where ours is one: None, a string or a bool would pass for a flag
+        scalar_value(where, stored)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} is {stored!r} in the checkpoint, not a number") from None
+    return stored
 
 
 def _loaded_step_classes(opt: Any, paths: list[str], classes: list, class_of: dict
@@ -575,7 +650,10 @@ def load_torch_state_dict(opt: Any, torch_state_dict: Any, paths: list[str], par
     torch's SGD keeps no step: a parameter with a momentum buffer gets step 1 (our SGD only
     reads whether the first step is done), so set ``opt.state["step"]`` yourself if a
     schedule must continue from torch's step count.
-    A parameter torch has no state for yet starts fresh, as in torch.
+    A parameter torch has no state for yet starts fresh, as in torch. State is made in
+    ``opt.state_dtype`` where ``init`` would make it so, and float64 state arrives bit for
+    bit. Schedulers attached to ``opt`` (``ReduceLROnPlateau``) keep their state: torch's
+    state dict holds none.
 
     Example:
         >>> paths = [k for k, _ in tree_flatten(model.trainable_parameters())]
@@ -637,6 +715,8 @@ def load_torch_state_dict(opt: Any, torch_state_dict: Any, paths: list[str], par
                         f"{name} is {values[name]!r} in torch's group and 0 in {where} of this "
                         f"optimizer, whose step therefore has no {name} term: build it with a "
                         f"non-zero {name}, as torch's")
+        # Checked before arrays are made of them (a 2-element lr tensor is a list here).
+        _loaded_group(opt, _group_name(index), values, current)
         groups.append(values)
 
     def as_array(value: Any, stored: mx.array) -> mx.array:
@@ -658,7 +738,7 @@ def load_torch_state_dict(opt: Any, torch_state_dict: Any, paths: list[str], par
     for i, (path, keys, param) in enumerate(zip(paths, keys_of, params)):
         index = opt._group_of(path, param)
         slot = {"step": mx.array(0, dtype=mx.int32),
-                **opt.init_state(param, hypers(index), opt._active[index])}
+                **opt._new_state(param, hypers(index), opt._active[index])}
         saved = {k: v for k, v in torch_state.get(i, torch_state.get(str(i), {})).items() if v is not None}
         if saved:  # torch's SGD keeps no step
             _same_keys({"step": None, **saved}, slot, f"torch's state of parameter {i} ({path!r})")
@@ -670,7 +750,8 @@ def load_torch_state_dict(opt: Any, torch_state_dict: Any, paths: list[str], par
             if array.shape != slot[key].shape:
                 raise ValueError(f"torch's state {key!r} of parameter {i} ({path!r}) has shape "
                                  f"{array.shape}, ours {tuple(slot[key].shape)}")
-            slot[key] = mx.array(array).astype(slot[key].dtype)
+            # Made in the slot's dtype directly: mx.array of a float64 numpy array is float32.
+            slot[key] = mx.array(array, dtype=slot[key].dtype)
         if saved and "step" not in saved:
             # torch's SGD counts no steps; a momentum buffer means the first step is done,
             # which is all our SGD reads from the step.
@@ -701,9 +782,10 @@ def load_torch_state_dict(opt: Any, torch_state_dict: Any, paths: list[str], par
             state[name] = [{n: hyper_array(i + 1, n) for n in g} for i, g in enumerate(opt.state[name])]
         else:
             state[name] = hyper_array(0, name)
-    load_state_dict(opt, {"format": FORMAT, "version": VERSION, "optimizer": type(opt).__name__,
-                          "groups": groups, "active": [dict(a) for a in opt._active],
-                          "step_class_of": class_of, "state": state})
+    # The optimizer's own state only: torch's state dict holds no attached scheduler, whose
+    # state (a ReduceLROnPlateau's) stays as it is.
+    _load_base(opt, {"groups": groups, "active": [dict(a) for a in opt._active],
+                     "step_class_of": class_of, "state": state})
 
 
 def to_torch_state_dict(opt: Any, paths: list[str], parameters: Any = None) -> dict:

@@ -24,8 +24,8 @@ def adjusted_lr_ratio(adjust_lr_fn: str | None, shape: tuple[int, ...]) -> float
 def muon_update(param, grad, state, *, learning_rate, momentum, nesterov, ns_coefficients, eps,
                 ns_steps, adjust_lr_fn):
     """One Muon step on ``momentum_buffer`` (weight decay, decoupled, is the base's)."""
-    buf = lerp(state["momentum_buffer"], grad, 1 - momentum)
-    update = lerp(grad, buf, momentum) if nesterov else buf
+    buf = lerp(state["momentum_buffer"], grad, 1 - momentum, single_rounding=True)
+    update = lerp(grad, buf, momentum, single_rounding=True) if nesterov else buf
     ortho = newton_schulz(update, ns_coefficients, ns_steps, eps)
     lr = learning_rate * adjusted_lr_ratio(adjust_lr_fn, param.shape)
     return param - cast(lr, param) * ortho.astype(param.dtype), {**state, "momentum_buffer": buf}

@@ -72,9 +72,8 @@ class RMSprop(Optimizer):
 
     @property
     def casts_in_kernel(self) -> bool:
-        # Centered with momentum is deep enough that mx.compile splits the update anyway.
-        return not any(values["centered"] and active["momentum"]
-                       for values, active in zip(self._group_values, self._active))
+        # Centered (a second lerp) is deep enough that mx.compile splits the update anyway.
+        return not any(values["centered"] for values in self._group_values)
 
     def __init__(self, learning_rate=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, *, maximize=False, groups=None, constants=()):

@@ -6,7 +6,7 @@ import mlx.core as mx
 
 from . import _validate as v
 from ._base import Optimizer
-from ._math import bias_correction, cast, ema_square, lerp
+from ._math import bias_correction, cast
 
 
 def sparse_adam_update(param, grad, state, *, learning_rate, betas, eps):
@@ -16,8 +16,9 @@ def sparse_adam_update(param, grad, state, *, learning_rate, betas, eps):
     dense gradient and keeps the old values where a row's gradient is all zero.
     """
     beta1, beta2 = betas
-    exp_avg = lerp(state["exp_avg"], grad, 1 - beta1)
-    exp_avg_sq = ema_square(state["exp_avg_sq"], grad, beta2)
+    # torch's sparse kernel adds (g - m)(1 - beta1) and (g^2 - v)(1 - beta2) to the rows.
+    exp_avg = state["exp_avg"] + (grad - state["exp_avg"]) * cast(1 - beta1, grad)
+    exp_avg_sq = state["exp_avg_sq"] + (mx.square(grad) - state["exp_avg_sq"]) * cast(1 - beta2, grad)
     # torch's sparse kernel: lr * sqrt(1 - beta2^t) / (1 - beta1^t), and eps added to the
     # uncorrected sqrt(v) (Adam adds it to the corrected one).
     step_size = learning_rate * mx.sqrt(bias_correction(beta2, state["step"])) / bias_correction(beta1, state["step"])

@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ._math import lerp
 from .schedulers import Schedule, _choice, _cos, _learning_rate, _number
 
 __all__ = ["AveragedModel", "SWALR", "update_bn", "get_ema_multi_avg_fn",
@@ -30,15 +31,6 @@ def _check_decay(decay: float) -> None:
         raise ValueError(f"Invalid decay value {decay} provided. Please provide a value in [0,1] range.")
 
 
-def _lerp(start: mx.array, end: mx.array, weight: Any) -> mx.array:
-    """torch's lerp, whose formula depends on the weight (both sides for an array weight)."""
-    diff = end - start
-    if isinstance(weight, mx.array):
-        weight = weight.astype(start.dtype)
-        return mx.where(mx.abs(weight) < 0.5, start + weight * diff, end - diff * (1 - weight))
-    return start + weight * diff if abs(weight) < 0.5 else end - diff * (1 - weight)
-
-
 def get_ema_multi_avg_fn(decay: float = 0.999) -> MultiAvgFn:
     r"""The exponential moving average :math:`\bar\theta \leftarrow \text{lerp}(\bar\theta,
     \theta, 1 - \text{decay})` over lists of arrays, as torch's ``_foreach_lerp_``.
@@ -49,7 +41,7 @@ def get_ema_multi_avg_fn(decay: float = 0.999) -> MultiAvgFn:
     _check_decay(decay)
 
     def ema_update(averaged: list, current: list, num_averaged: mx.array) -> list:
-        return [_lerp(a, c, 1 - decay) if mx.issubdtype(a.dtype, mx.inexact)
+        return [lerp(a, c, 1 - decay) if mx.issubdtype(a.dtype, mx.inexact)
                 else a * decay + c * (1 - decay) for a, c in zip(averaged, current)]
     return ema_update
 
@@ -61,7 +53,7 @@ def get_swa_multi_avg_fn() -> MultiAvgFn:
     """
     def swa_update(averaged: list, current: list, num_averaged: mx.array) -> list:
         weight = 1 / (num_averaged + 1)   # integer / integer -> float32, as torch's
-        return [_lerp(a, c, weight) if mx.issubdtype(a.dtype, mx.inexact)
+        return [lerp(a, c, weight) if mx.issubdtype(a.dtype, mx.inexact)
                 else a + (c - a) / (num_averaged + 1) for a, c in zip(averaged, current)]
     return swa_update
 
