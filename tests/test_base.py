@@ -417,3 +417,28 @@ def test_signature_is_torchs(case):
     assert ours.keys() == theirs.keys()
     for name, value in theirs.items():
         assert ours[name] == value, f"{name}: {ours[name]!r} vs torch's {value!r}"
+
+
+@pytest.mark.parametrize("weight", [0.001, 0.1, 0.3, 0.5, 0.9, 1.0])
+def test_lerp_is_torchs(weight):
+    from mlx_optim._math import lerp
+
+    rng = np.random.default_rng(0)
+    start = rng.standard_normal(20000).astype(np.float32)
+    end = (rng.standard_normal(20000) * 0.3).astype(np.float32)
+    # float32 rounded once, as torch's fused multiply-add: equal to torch element for element.
+    expected = torch.lerp(torch.tensor(start), torch.tensor(end), weight).numpy()
+    ours = np.array(lerp(mx.array(start), mx.array(end), weight, single_rounding=True))
+    np.testing.assert_array_equal(ours, expected)
+    # bfloat16 / float16 in float32, rounded once to their dtype, as torch's opmath.
+    for mx_dtype, torch_dtype in ((mx.bfloat16, torch.bfloat16), (mx.float16, torch.float16)):
+        expected = torch.lerp(torch.tensor(start).to(torch_dtype), torch.tensor(end).to(torch_dtype),
+                              weight).float().numpy()
+        ours = np.array(lerp(mx.array(start).astype(mx_dtype), mx.array(end).astype(mx_dtype),
+                             weight).astype(mx.float32))
+        assert np.mean(ours != expected) < 5e-3, mx_dtype  # an f32 ulp may cross a rounding
+    # A weight of 1 gives the end exactly (a decay of 0), with or without the float64 detour.
+    if weight == 1.0:
+        for single in (False, True):
+            np.testing.assert_array_equal(
+                np.array(lerp(mx.array(start), mx.array(end), weight, single_rounding=single)), end)

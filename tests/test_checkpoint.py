@@ -710,3 +710,43 @@ def test_reduce_on_plateau_is_saved_and_restored_with_the_optimizer(tmp_path):
         bare.load(tmp_path / "ckpt")
     after = bare.state_dict()
     assert after["groups"] == before["groups"] and after["attached"] == []
+
+
+def test_a_gpu_checkpoint_resumed_on_the_cpu_saves_and_loads_again(tmp_path, monkeypatch):
+    # On the GPU hyperparameters are float32 arrays; the CPU holds them in float64, made from
+    # the checked values, so a checkpoint saved again on the CPU still agrees with itself.
+    import mlx_optim._base as base
+
+    params, grads = {"w": mx.ones((3,))}, {"w": mx.full((3,), 0.1)}
+    monkeypatch.setattr(base, "scalar_dtype", lambda: mx.float32)  # as on the GPU
+    gpu = mlx_optim.Adam(learning_rate=0.1)
+    monkeypatch.undo()
+    assert gpu.state["learning_rate"].dtype == mx.float32
+    gpu.apply_gradients(grads, params)
+    gpu.save(tmp_path / "gpu")
+    cpu = mlx_optim.Adam(learning_rate=0.1)
+    cpu.load(tmp_path / "gpu")
+    assert cpu.state["learning_rate"].dtype == mx.float64
+    assert cpu.state["learning_rate"].item() == 0.1  # the value, not its float32 rounding
+    cpu.apply_gradients(grads, params)
+    cpu.save(tmp_path / "cpu")
+    again = mlx_optim.Adam(learning_rate=0.1)
+    again.load(tmp_path / "cpu")
+    assert again.state["step"].item() == 2
+
+
+def test_fresh_state_kept_by_a_load_is_made_from_the_loaded_values():
+    # The saving optimizer never met "b": it makes b's state at b's first step, from its own
+    # initial_accumulator_value; an optimizer that ran init() with another value must too.
+    params = {"a": mx.ones((3,)), "b": mx.ones((3,))}
+    both = {"a": mx.full((3,), 0.1), "b": mx.full((3,), 0.2)}
+    saving = mlx_optim.Adagrad(learning_rate=0.1, initial_accumulator_value=0.1)
+    saving.apply_gradients({"a": both["a"]}, params)
+    checkpoint = saving.state_dict()
+    expected = saving.apply_gradients(both, params)
+    resumed = mlx_optim.Adagrad(learning_rate=0.1, initial_accumulator_value=5.0)
+    resumed.init(params)
+    resumed.load_state_dict(checkpoint)
+    got = resumed.apply_gradients(both, params)
+    for key in params:
+        np.testing.assert_array_equal(np.array(got[key]), np.array(expected[key]), err_msg=key)

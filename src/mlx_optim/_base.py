@@ -31,6 +31,7 @@ set; a 0-d parameter's state is its own.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import inspect
@@ -108,13 +109,24 @@ def _cast(x: mx.array, dtype: mx.Dtype) -> mx.array:
     return x if x.dtype == dtype else x.astype(dtype)
 
 
-def _copy_containers(tree: Any) -> Any:
-    """``tree`` with its dicts and lists copied and its arrays shared (they are immutable)."""
+def copy_tree(tree: Any) -> Any:
+    """New dicts and lists (tuples become lists), the same leaves: arrays are immutable, so
+    the copy does not change with the optimizer."""
     if isinstance(tree, dict):
-        return {k: _copy_containers(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_copy_containers(v) for v in tree]
+        return {k: copy_tree(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [copy_tree(v) for v in tree]
     return tree
+
+
+def _as_python(value: Any) -> Any:
+    """numpy scalars (``np.float32(1e-3)``, ``np.bool_``) as the Python values they hold, in
+    tuples too: they then compare, print and save (JSON) as the user's numbers do."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_as_python(v) for v in value)
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()  # (numpy is not imported: mlx_optim does not need it)
+    return value
 
 
 def _check_floating(path: str, param: mx.array) -> None:
@@ -254,8 +266,8 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         self._state["param_state"] = {}
         self._state["step_classes"] = []
         self._class_of: dict[str, int] | None = {}  # dotted path -> index in step_classes
-        # dotted path -> the parameter shape its state was made or checked for
-        self._slot_shapes: dict[str, tuple] = {}
+        # dotted path -> (shape, dtype) of the parameter its state was made or checked for
+        self._slot_params: dict[str, tuple] = {}
         if len(self._group_values) > 1:
             self._state["param_groups"] = [{} for _ in self._group_values[1:]]
         for index, values in enumerate(self._group_values):
@@ -265,7 +277,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
 
     # ----------------------------------------------------------------- hyperparameters
     def _add_group(self, values: dict[str, Any]) -> None:
-        values = self._as_flags(values)
+        values = self._normalized(values)
         self._check_not_none(values)
         check(self.rules, values)
         self._validate_group(values)
@@ -282,11 +294,12 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
     def _validate_group(self, values: dict[str, Any]) -> None:
         """Checks that involve several arguments (e.g. SGD's nesterov); override."""
 
-    def _as_flags(self, values: dict[str, Any]) -> dict[str, Any]:
-        """Flags (a ``bool`` default in the signature) as bools: 0 and 1 are accepted as
-        torch accepts them; anything else raises, instead of passing for a number."""
+    def _normalized(self, values: dict[str, Any]) -> dict[str, Any]:
+        """numpy scalars as Python values, and flags (a ``bool`` default in the signature)
+        as bools: 0 and 1 are accepted as torch accepts them; anything else raises, instead
+        of passing for a number."""
         defaults = _signature_defaults(type(self))
-        values = dict(values)
+        values = {name: _as_python(value) for name, value in values.items()}
         for name, value in values.items():
             if isinstance(defaults.get(name), bool) and not isinstance(value, bool):
                 if not isinstance(value, numbers.Integral) or value not in (0, 1):
@@ -366,7 +379,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
             raise ValueError(f"{name} is one of this optimizer's constants (compiled into its "
                              "step); build a new optimizer to change it")
         old = values[name]
-        value = self._as_flags({name: value})[name]
+        value = self._normalized({name: value})[name]
         if _is_static(old) != _is_static(value):
             raise TypeError(f"{name} must stay a {'flag' if _is_static(old) else 'number or schedule'}")
         stepped = self._state["step"].item() > 0
@@ -472,7 +485,9 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         """``init`` without the groups' check: the state of parameters that have none."""
         created = []
         for keys, param in _leaves(parameters):
-            if not isinstance(param, mx.array):
+            # Integer arrays (a quantized model's frozen weights) are never optimized: the
+            # gradient check refuses them with advice, here they are only passed over.
+            if not isinstance(param, mx.array) or not mx.issubdtype(param.dtype, mx.floating):
                 continue
             slot = self._slot(keys)
             if slot is None:
@@ -480,7 +495,6 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
             else:
                 self._check_slot_fits(_dotted(keys), slot, param)
         for keys, param in created:  # every check before any state is created
-            _check_floating(_dotted(keys), param)
             self._check_parameter(_dotted(keys), param)
             self._group_of(_dotted(keys), param)  # raises if two groups select it
         if created and self._class_of is None:
@@ -496,7 +510,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
             slot = {"step": self._state["step_classes"][cls],
                     **self._new_state(param, self._hypers(index), self._active[index])}
             self._put_slot(keys, slot)
-            self._slot_shapes[path] = param.shape
+            self._slot_params[path] = (param.shape, param.dtype)
         self._initialized = True
 
     def _new_state(self, param: mx.array, hyper: dict[str, Any], active: dict[str, bool]
@@ -557,7 +571,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
     def state(self, state: dict) -> None:
         self._initialized = False
         self._state = state
-        self._slot_shapes = {}
+        self._slot_params = {}
         self._class_of = None  # rebuilt from the values at the next step
 
     def _check_parameter(self, path: str, param: mx.array) -> None:
@@ -606,7 +620,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
     def _check_slot_fits(self, path: str, slot: dict, param: mx.array) -> None:
         """Raise ``ValueError`` if a parameter's existing state (made for another shape, or
         loaded) is not the state this optimizer would make for it. Checked once per shape."""
-        if self._slot_shapes.get(path) == param.shape:
+        if self._slot_params.get(path, ((),))[0] == param.shape:
             return
         index = self._group_of(path, param)
         expected = self._new_state(param, self._hypers(index), self._active[index])
@@ -618,7 +632,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
                 f"{have} does not fit it (it needs {want}): the state was made for another "
                 "parameter, or the parameter was replaced; build a new optimizer for the new "
                 "parameter (or load state that matches it)")
-        self._slot_shapes[path] = param.shape
+        self._slot_params[path] = (param.shape, param.dtype)
 
     def _check_gradient(self, path: str, grad: Any, param: mx.array) -> None:
         if isinstance(grad, RowSparseGrad):
@@ -655,16 +669,21 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
             self.check_groups_select(parameters)  # the parameters, as the gradients may be partial
         # What remains can still raise (a schedule, an update function given a value it
         # cannot use): then the optimizer is put back as it was.
-        saved = (_copy_containers(self._state), dict(self._class_of or {}), self._class_of is None,
-                 self._initialized)
-        try:
+        with self.transaction():
             return self._step(gradients, pairs)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Put the optimizer back as it was if the block raises (eagerly: while
+        ``mx.compile`` traces, the state holds MLX's placeholders)."""
+        saved = (copy_tree(self._state), None if self._class_of is None else dict(self._class_of),
+                 dict(self._slot_params), self._initialized)
+        try:
+            yield
         except BaseException:
-            state, class_of, unknown, initialized = saved
+            state, self._class_of, self._slot_params, self._initialized = saved
             self._state.clear()
             self._state.update(state)  # in place: a compiled step holds this dict
-            self._class_of = None if unknown else class_of
-            self._initialized = initialized
             raise
 
     def _step(self, gradients: Any, pairs: list) -> Any:

@@ -65,7 +65,8 @@ def cast(scalar: mx.array | float, like: mx.array, *, shared: bool = False) -> m
 def lerp(start: mx.array, end: mx.array, weight: mx.array | float, *,
          single_rounding: bool = False) -> mx.array:
     """torch's ``lerp``: ``start + w (end - start)`` for ``|w| < 0.5``, else
-    ``end + (w - 1)(end - start)``, in ``start``'s dtype.
+    ``end + (w - 1)(end - start)``, in ``start``'s dtype (float32 for bfloat16 and float16,
+    rounded once, as torch's kernel).
 
     The second form is exact at ``w = 1`` (a decay of 0, as Adam's ``betas=(0, 0.99)``),
     where the first would leave ``end`` with the rounding error of ``end - start``.
@@ -75,6 +76,10 @@ def lerp(start: mx.array, end: mx.array, weight: mx.array | float, *,
     ulp of its input into a bfloat16 one. Elsewhere the ulp stays an ulp, and the float64
     detour would cost the fused kernels their speed (Adamax's step 1.5x).
     """
+    if start.dtype in (mx.float16, mx.bfloat16):  # torch's opmath: float32, rounded once
+        wide = lerp(start.astype(mx.float32), end.astype(mx.float32), weight,
+                    single_rounding=single_rounding)
+        return wide.astype(start.dtype)
     w = cast(weight, start)
     small = mx.abs(w) < 0.5
     coeff, base, diff = mx.where(small, w, w - 1), mx.where(small, start, end), end - start

@@ -40,7 +40,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from ._base import _Glob, _as_array, _lookup, _nonzero, _slots, insert_slot, is_schedule, is_slot
+from ._base import (_Glob, _as_array, _lookup, _nonzero, _slots, copy_tree, insert_slot, is_schedule,
+                    is_slot)
 from ._validate import check, scalar_value
 
 FORMAT = "mlx_optim.checkpoint"
@@ -61,7 +62,7 @@ def state_dict(opt: Any) -> dict:
     if isinstance(opt, LBFGS):
         return {"format": FORMAT, "version": VERSION, "optimizer": "LBFGS",
                 "hyperparameters": {name: _jsonable(getattr(opt, name)) for name in _LBFGS_HYPER},
-                "state": _copy_tree(opt.state)}
+                "state": copy_tree(opt.state)}
     if opt._class_of is None:  # state replaced and not stepped since: derive the step sets
         opt._rebuild_step_classes()
     return {
@@ -74,7 +75,7 @@ def state_dict(opt: Any) -> dict:
         "constants": sorted(opt._constants),
         "step_class_of": dict(opt._class_of),
         "attached": [{"type": type(obj).__name__, "state": obj.state_dict()} for obj in opt.attached],
-        "state": _copy_tree(opt.state),
+        "state": copy_tree(opt.state),
     }
 
 
@@ -176,15 +177,6 @@ def load(opt: Any, path: str | os.PathLike) -> None:
 
 
 # ----------------------------------------------------------------- tree (de)serialising
-def _copy_tree(tree: Any) -> Any:
-    """New dicts and lists, the same leaves: the copy does not change with the optimizer."""
-    if isinstance(tree, dict):
-        return {k: _copy_tree(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [_copy_tree(v) for v in tree]
-    return tree
-
-
 def _jsonable(value: Any) -> Any:
     """A hyperparameter as given, as a JSON value; a schedule as ``{"schedule": True}``."""
     if isinstance(value, mx.array):
@@ -392,12 +384,13 @@ def _load_base(opt: Any, sd: dict) -> None:
         new_state[key] = _check_like(saved[key], current[key], f"state[{key!r}]",
                                      cast_floats=key != "step")
     _check_arrays_hold_values(opt, saved, new_values)
+    new_state = _value_arrays(opt, new_state, new_values)
     slots = _saved_slots(saved["param_state"], "state['param_state']")
     current_slots = {keys: slot for keys, slot in _slots(current["param_state"])}
     fresh: dict = {}
     if current_slots:  # this optimizer knows its parameters: the checkpoint must match them
         saved_slots = dict(slots)
-        fresh = _fresh_slots_kept(current_slots, saved_slots)
+        fresh = _fresh_slots_kept(opt, current_slots, saved_slots)
         extra = sorted(_dot(k) for k in set(saved_slots) - set(current_slots))
         if extra:
             raise ValueError(f"the checkpoint has state for unknown parameter(s) {extra[:5]}")
@@ -420,7 +413,7 @@ def _load_base(opt: Any, sd: dict) -> None:
             raise ValueError(f"the step of parameter {_dot(keys)!r} disagrees with its step class")
     if fresh:
         # Kept in a step set of their own (step 0, their own scalar state), in their place
-        # in this optimizer's order.
+        # in this optimizer's order; made anew once the loaded values are in (below).
         classes = [*classes, mx.array(0, dtype=mx.int32)]
         class_of = {**class_of, **{_dot(keys): len(classes) - 1 for keys in fresh}}
         loaded = dict(slots)
@@ -442,18 +435,48 @@ def _load_base(opt: Any, sd: dict) -> None:
     state.update(ordered)
     opt._group_values[:] = new_values
     opt._class_of = new_class_of
+    # Loaded state is checked against each parameter at its next step; fresh state fits.
+    opt._slot_params = {path: opt._slot_params[path] for path in map(_dot, fresh)}
+    for keys in fresh:  # from the loaded values, as the saving optimizer would make it
+        shape, dtype = opt._slot_params[_dot(keys)]
+        index = opt._group_cache.get(_dot(keys), 0)
+        opt._slot(keys).update(opt._new_state(mx.zeros(shape, dtype), opt._hypers(index),
+                                              opt._active[index]))
 
 
-def _fresh_slots_kept(current_slots: dict, saved_slots: dict) -> dict:
+def _fresh_slots_kept(opt: Any, current_slots: dict, saved_slots: dict) -> dict:
     """This optimizer's slots that the checkpoint lacks. Its optimizer never met those
     parameters (a partial gradient tree, a save before ``init``), so a slot that has
-    learned nothing here (step 0) is kept; one stepped here would lose what it learned."""
+    learned nothing here (step 0, made by ``init``) is kept; one stepped here would lose
+    what it learned."""
     missing = {keys: slot for keys, slot in current_slots.items() if keys not in saved_slots}
-    stepped = sorted(_dot(k) for k, slot in missing.items() if slot["step"].item() != 0)
-    if stepped:
-        raise ValueError(f"the checkpoint has no state for parameter(s) {stepped[:5]}, which "
-                         "this optimizer has stepped")
+    kept = sorted(_dot(k) for k, slot in missing.items()
+                  if slot["step"].item() == 0 and _dot(k) in opt._slot_params)
+    lost = sorted(_dot(k) for k in missing if _dot(k) not in kept)
+    if lost:
+        raise ValueError(f"the checkpoint has no state for parameter(s) {lost[:5]}, which "
+                         "this optimizer has stepped (or loaded)")
     return missing
+
+
+def _value_arrays(opt: Any, state: dict, values: list[dict]) -> dict:
+    """``state`` (new dicts) with each number's array made from the checked value, as the
+    constructor makes it: a checkpoint from the GPU holds float32 arrays, which widened to
+    float64 would no longer equal their values. A schedule's array (its last value) stays."""
+    state = {**state}
+    if "param_groups" in state:
+        state["param_groups"] = [dict(g) for g in state["param_groups"]]
+    for index, group in enumerate(values):
+        target = state if index == 0 else state["param_groups"][index - 1]
+        for name, value in group.items():
+            if opt._is_static(name, value):
+                continue
+            if isinstance(value, tuple):
+                target[name] = [a if is_schedule(v) else _as_array(v, opt._scalar_dtype)
+                                for v, a in zip(value, target[name])]
+            elif not is_schedule(value):
+                target[name] = _as_array(value, opt._scalar_dtype)
+    return state
 
 
 def _group_name(index: int) -> str:
@@ -470,7 +493,7 @@ def _loaded_group(opt: Any, where: str, saved: dict, current: dict) -> dict:
         stored = saved[key]
         if opt._is_static(key, value):
             try:  # a flag of ours must be a flag there (0 and 1 pass, as when built)
-                opt._as_flags({key: stored})
+                opt._normalized({key: stored})
             except TypeError as error:
                 raise ValueError(f"{where}: {error} (in the checkpoint)") from None
             if _jsonable(value) != stored:
@@ -609,7 +632,7 @@ def _load_lbfgs(opt: Any, sd: dict) -> None:
     for key, value in hyper.items():
         setattr(opt, key, value)
     opt.state.clear()
-    opt.state.update(_copy_tree(state))
+    opt.state.update(copy_tree(state))
 
 
 # ------------------------------------------------------------------------- torch interop
@@ -710,7 +733,7 @@ def load_torch_state_dict(opt: Any, torch_state_dict: Any, paths: list[str], par
                                     for v, t in zip(value, values[name])]
                 if (name in opt.structural_zeros and not opt._active[index][name]
                         and _nonzero(name, values[name])):  # (a zero in an active term is fine)
-                    where = "the default group" if index == 0 else f"group {index - 1}"
+                    where = _group_name(index)
                     raise ValueError(
                         f"{name} is {values[name]!r} in torch's group and 0 in {where} of this "
                         f"optimizer, whose step therefore has no {name} term: build it with a "

@@ -338,6 +338,11 @@ class SkipNonFinite:
         pairs = opt._check_gradients(gradients, parameters)
         if not opt._initialized:
             opt.check_groups_select(parameters)
+        with opt.transaction():  # the slots made below go too if the step raises
+            return self._apply(pairs, gradients, parameters)
+
+    def _apply(self, pairs: list, gradients: Any, parameters: Any) -> Any:
+        opt = self.optimizer
         finite = mx.array(True)
         for _, g, _ in pairs:
             finite = finite & mx.all(mx.isfinite(g.values if isinstance(g, RowSparseGrad) else g))
