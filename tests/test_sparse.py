@@ -193,3 +193,32 @@ def test_row_sparse_values_must_be_an_array():
         RowSparseGrad(mx.array([1]), np.ones((1, 3), np.float32), 5)
     with pytest.raises(TypeError, match="got list"):
         RowSparseGrad([1], [[1.0, 2.0, 3.0]], 5)
+
+
+def test_an_embedding_the_loss_does_not_call_gets_no_gradient():
+    # torch: an nn.Embedding(sparse=True) unused in a step keeps grad None, so SparseAdam
+    # leaves its rows and its step alone; a zero-valued row gradient would move the rows
+    # (momentum) and count a step.
+    class TwoTables(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Embedding(10, 4), nn.Embedding(10, 4)
+
+        def __call__(self, ids, both):
+            out = self.a(ids)
+            return (out + self.b(ids) if both else out).sum()
+
+    mx.random.seed(2)
+    model = TwoTables()
+    loss_and_grad = mlx_optim.embedding_value_and_grad(model, lambda ids, both: model(ids, both))
+    opt = mlx_optim.SparseAdam(learning_rate=0.1)
+    ids = mx.array([1, 3])
+    _, grads = loss_and_grad(ids, True)
+    opt.update(model, grads)
+    b_before = np.array(model.b.weight)
+    _, grads = loss_and_grad(ids, False)
+    assert "b" not in grads and isinstance(grads["a"]["weight"], RowSparseGrad)
+    opt.update(model, grads)
+    np.testing.assert_array_equal(np.array(model.b.weight), b_before)
+    assert opt.state["param_state"]["b"]["weight"]["step"].item() == 1
+    assert opt.state["param_state"]["a"]["weight"]["step"].item() == 2

@@ -94,6 +94,7 @@ class _TappedEmbedding(nn.Embedding):
             raise ValueError(f"embedding {self._row_path!r} looked up an array other than the "
                              "ids given to embedding_value_and_grad (e.g. positions); its "
                              f"gradient must be dense: pass dense=[{self._row_path!r}]")
+        object.__setattr__(self, "_row_used", True)
         return mx.stop_gradient(self.weight)[x] + self._row_tap
 
     def as_linear(self, x: mx.array) -> mx.array:
@@ -112,8 +113,10 @@ def embedding_value_and_grad(model: nn.Module, loss_fn: Callable,
     named in ``dense``) must look up ``ids`` itself, the very array passed to ``loss_fn``;
     its weight's gradient is a :class:`RowSparseGrad` with one row per id (repeats summed
     by the optimizer), the gradient torch gives ``nn.Embedding(sparse=True)``. The other
-    trainable parameters get dense gradients. The backward pass never forms a table-sized
-    gradient: it differentiates with respect to the looked-up rows.
+    trainable parameters get dense gradients. An embedding the loss does not call gets no
+    gradient at all (torch's ``grad`` stays ``None``, so its rows and step stay as they
+    are). The backward pass never forms a table-sized gradient: it differentiates with
+    respect to the looked-up rows.
 
     An embedding that looks up anything else (positions, a slice or a copy of ``ids``) or
     serves as a tied output layer (``as_linear``) raises ``ValueError``: name it in
@@ -158,15 +161,20 @@ def embedding_value_and_grad(model: nn.Module, loss_fn: Callable,
             m.__class__ = _TappedEmbedding
             object.__setattr__(m, "_row_ids", ids)
             object.__setattr__(m, "_row_path", path)
+            object.__setattr__(m, "_row_used", False)
+        used = []
         try:
             loss, (dense_grads, tap_grads) = mx.value_and_grad(inner, argnums=(0, 1))(dense_params, taps)
         finally:
             for _, m in embeddings:
                 m.__class__ = nn.Embedding
+                used.append(m.__dict__.pop("_row_used", False))
                 for name in ("_row_tap", "_row_ids", "_row_path"):
                     m.__dict__.pop(name, None)
         flat = tree_flatten(dense_grads)
-        for (path, m), grad in zip(embeddings, tap_grads):
+        for (path, m), grad, called in zip(embeddings, tap_grads, used):
+            if not called:
+                continue  # no gradient, as torch's grad stays None
             name = f"{path}.weight" if path else "weight"
             flat.append((name, RowSparseGrad(ids, grad.reshape(-1, grad.shape[-1]), m.weight.shape[0])))
         return loss, tree_unflatten(flat)
