@@ -28,12 +28,14 @@ def adafactor_update(param, grad, state, *, learning_rate, beta2_decay, eps, d, 
         param = param * cast(1 - learning_rate * weight_decay, param)
     square = mx.square(grad)
     if "variance" in state:
-        variance = lerp(state["variance"], square, beta2_complement)
+        variance = lerp(state["variance"], square, beta2_complement, single_rounding=True)
         new_state = {**state, "variance": variance}
     else:
         # Factored along the last two dimensions: row and column means of grad**2.
-        row_var = lerp(state["row_var"], mx.mean(square, axis=-1, keepdims=True), beta2_complement)
-        col_var = lerp(state["col_var"], mx.mean(square, axis=-2, keepdims=True), beta2_complement)
+        row_var = lerp(state["row_var"], mx.mean(square, axis=-1, keepdims=True), beta2_complement,
+                       single_rounding=True)
+        col_var = lerp(state["col_var"], mx.mean(square, axis=-2, keepdims=True), beta2_complement,
+                       single_rounding=True)
         row_mean = mx.maximum(mx.mean(row_var, axis=-2, keepdims=True), cast(eps1, row_var))
         variance = row_var * col_var / row_mean
         new_state = {**state, "row_var": row_var, "col_var": col_var}
