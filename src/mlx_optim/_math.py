@@ -73,8 +73,8 @@ def lerp(start: mx.array, end: mx.array, weight: mx.array | float, *,
     torch's CPU kernel rounds the multiply-add once; MLX's kernels round each op. With
     ``single_rounding`` a float32 lerp is computed in float64 (where the product is exact)
     where the device has float64: for Muon, whose bfloat16 Newton–Schulz turns a float32
-    ulp of its input into a bfloat16 one, and Adafactor, whose weights near 1 (early
-    steps) and relative steps make an ulp show. Elsewhere the ulp stays an ulp, and the
+    ulp of its input into a bfloat16 one, and Adafactor, whose lerp weights are near 1 in
+    its first steps (torch's own arithmetic there). Elsewhere the ulp stays an ulp, and the
     float64 detour would cost the fused kernels their speed (Adamax's step 1.5x).
     """
     if start.dtype in (mx.float16, mx.bfloat16):  # torch's opmath: float32, rounded once
