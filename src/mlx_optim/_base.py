@@ -687,6 +687,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
             raise
 
     def _step(self, gradients: Any, pairs: list) -> Any:
+        """The step itself, on checked ``pairs``, inside ``apply_gradients``' transaction."""
         missing = [(k, p) for k, _, p in pairs if self._slot(k) is None]
         if missing:
             self._init_slots(_rebuild_missing(missing))  # a gradient tree may be partial
