@@ -298,6 +298,19 @@ def ranks(out):
             refusals.append(str(error))
     results["muon_refusals"] = refusals
 
+    log(rank, "10. A parameter replaced with another shape, owned by one rank")
+    # 10. Only its owner holds state to refuse it: every rank must raise, before the
+    # collectives, or the other would wait in one.
+    params = {"a": mx.ones((4,)), "b": mx.ones((4,))}
+    sharded_opt = ShardedOptimizer(mlx_optim.Adam(learning_rate=0.1), group)
+    sharded_opt.init(params)
+    params = {"a": mx.ones((5,)), "b": params["b"]}
+    try:
+        sharded_opt.apply_gradients({k: mx.full(v.shape, 0.1) for k, v in params.items()}, params)
+        results["replaced_refusal"] = None
+    except ValueError as error:
+        results["replaced_refusal"] = str(error)
+
     log(rank, "done")
     mx.save_safetensors(os.path.join(out, f"rank{rank}.safetensors"), saved)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:

@@ -151,6 +151,12 @@ def test_every_rank_refuses_a_parameter_its_optimizer_cannot_update(runs):
         assert all("only supports 2D parameters" in m for m in r["muon_refusals"]), r["muon_refusals"]
 
 
+def test_every_rank_refuses_a_parameter_replaced_with_another_shape(runs):
+    results, _, _ = runs
+    for r in results:  # not only the rank that owns it (and holds its state)
+        assert "parameter 'a' has shape (5,), but it was partitioned" in r["replaced_refusal"]
+
+
 def test_row_sparse_gradients_gather_every_ranks_rows(runs):
     results, _, _ = runs
     for r in results:

@@ -400,6 +400,11 @@ class ShardedOptimizer(DataParallel):
         if unknown:
             raise ValueError(f"gradient for parameter(s) {unknown[:5]} that were not "
                              "partitioned (the tree given to init)")
+        for path in grads:  # a replaced parameter: only its owner has state to refuse it
+            if tuple(params[path].shape) != self._shapes[path][0]:
+                raise ValueError(f"parameter {path!r} has shape {tuple(params[path].shape)}, but "
+                                 f"it was partitioned (and its state made) with shape "
+                                 f"{self._shapes[path][0]}: build a new optimizer for it")
         averaged = self._average(gradients)
         if _is_ours(self.optimizer):  # its checks (row-sparse support...) on every rank
             self.optimizer._check_gradients(tree_unflatten(list(averaged.items())), parameters)
