@@ -352,3 +352,26 @@ def test_a_step_compiled_right_after_a_sharded_load_equals_eager(tmp_path):
     mx.eval(result, resumed.state)
     for k in "abc":
         assert mx.array_equal(result[k], expected[k]).item(), k
+
+
+def test_sharded_update_without_init_partitions_the_whole_model():
+    # An embedding the first batch does not call has no gradient; it must still be
+    # partitioned, or its first gradient later would be refused.
+    import mlx.nn as nn
+
+    class TwoTables(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Embedding(10, 4), nn.Embedding(10, 4)
+
+        def __call__(self, ids, both):
+            out = self.a(ids)
+            return (out + self.b(ids) if both else out).sum()
+
+    model = TwoTables()
+    loss_and_grad = mlx_optim.embedding_value_and_grad(model, lambda ids, both: model(ids, both))
+    opt = ShardedOptimizer(mlx_optim.SparseAdam(learning_rate=0.1))
+    for both in (False, True):
+        opt.update(model, loss_and_grad(mx.array([1, 3]), both)[1])
+    assert sorted(opt.owner) == ["a.weight", "b.weight"]
+    assert opt.optimizer.state["param_state"]["b"]["weight"]["step"].item() == 1

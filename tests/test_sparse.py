@@ -222,3 +222,28 @@ def test_an_embedding_the_loss_does_not_call_gets_no_gradient():
     np.testing.assert_array_equal(np.array(model.b.weight), b_before)
     assert opt.state["param_state"]["b"]["weight"]["step"].item() == 1
     assert opt.state["param_state"]["a"]["weight"]["step"].item() == 2
+
+
+def test_a_table_under_two_paths_gets_its_gradient_once():
+    # An encoder and a decoder sharing one nn.Embedding: named_modules() lists it twice.
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Embedding(10, 4)
+            self.dec = self.enc
+
+        def __call__(self, ids):
+            return (self.enc(ids) * mx.arange(4)).sum()
+
+    model = Shared()
+    ids = mx.array([1, 3, 3])
+    _, grads = mlx_optim.embedding_value_and_grad(model, lambda ids: model(ids))(ids)
+    _, dense = nn.value_and_grad(model, lambda m: m(ids))(model)
+    sparse = [(k, g) for k, g in tree_flatten(grads)]
+    assert len(sparse) == 1 and isinstance(sparse[0][1], RowSparseGrad)
+    total = sum(np.array(g) for _, g in tree_flatten(dense))  # MLX splits it between paths
+    np.testing.assert_allclose(np.array(sparse[0][1].to_dense()), total)
+    # No embedding called and no other parameter: an empty dict, as for a model.
+    model = nn.Sequential(nn.Embedding(5, 2))
+    _, grads = mlx_optim.embedding_value_and_grad(model, lambda ids: mx.array(0.0))(ids)
+    assert grads == {}

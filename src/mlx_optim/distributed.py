@@ -318,7 +318,8 @@ class ShardedOptimizer(DataParallel):
     """ZeRO stage 1: data parallel, each rank holding the optimizer state of its share.
 
     Parameters are assigned to ranks whole, balanced by size (:func:`partition_parameters`,
-    on the parameters given to ``init``, or else those the first gradients are for).
+    on the parameters given to ``init``, or else the model's trainable parameters at the
+    first ``update``, or those the first gradients are for).
     ``update`` averages (and clips) the gradients as :class:`DataParallel`, steps the
     wrapped optimizer on this rank's parameters only, then sums the new parameters across
     ranks in buckets, each rank contributing its own and zeros for the rest (``x + 0 ==
@@ -365,6 +366,14 @@ class ShardedOptimizer(DataParallel):
         self._shapes = {k: (tuple(x.shape), x.dtype) for k, x in parameters.items()}
         self.owner = partition_parameters({k: x.nbytes for k, x in parameters.items()},
                                           self.world_size)
+
+    def update(self, model: Any, gradients: Any) -> None:
+        """As :meth:`DataParallel.update`. Without ``init``, the partition covers the model's
+        trainable parameters, not only this first gradient tree's (an embedding a batch does
+        not call has no gradient, and could never be stepped later)."""
+        if self.owner is None:
+            self._partition(_flat(model.trainable_parameters()))
+        super().update(model, gradients)
 
     def init(self, parameters: Any) -> None:
         """Partition ``parameters`` across ranks and create this rank's share of the state."""

@@ -142,10 +142,16 @@ def embedding_value_and_grad(model: nn.Module, loss_fn: Callable,
 
     def fn(ids, *args, **kwargs):
         ids = ids if isinstance(ids, mx.array) else mx.array(ids)
-        embeddings = [(path, m) for path, m in model.named_modules()
-                      if type(m) is nn.Embedding and "weight" in m.trainable_parameters()
-                      and path not in dense]
-        weights = {f"{path}.weight" if path else "weight" for path, _ in embeddings}
+        found = [(path, m) for path, m in model.named_modules()
+                 if type(m) is nn.Embedding and "weight" in m.trainable_parameters()
+                 and path not in dense]
+        weights = {f"{path}.weight" if path else "weight" for path, _ in found}
+        # One tap per table: a table under two paths (shared) gets its gradient once.
+        embeddings, seen = [], set()
+        for path, m in found:
+            if id(m) not in seen:
+                seen.add(id(m))
+                embeddings.append((path, m))
         dense_params = [(k, v) for k, v in tree_flatten(model.trainable_parameters())
                         if k not in weights]
         dense_params = tree_unflatten(dense_params) if dense_params else {}
@@ -177,6 +183,6 @@ def embedding_value_and_grad(model: nn.Module, loss_fn: Callable,
                 continue  # no gradient, as torch's grad stays None
             name = f"{path}.weight" if path else "weight"
             flat.append((name, RowSparseGrad(ids, grad.reshape(-1, grad.shape[-1]), m.weight.shape[0])))
-        return loss, tree_unflatten(flat)
+        return loss, tree_unflatten(flat) if flat else {}
 
     return fn
