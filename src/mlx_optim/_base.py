@@ -268,6 +268,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         self._class_of: dict[str, int] | None = {}  # dotted path -> index in step_classes
         # dotted path -> (shape, dtype) of the parameter its state was made or checked for
         self._slot_params: dict[str, tuple] = {}
+        self._in_transaction = False  # see transaction()
         if len(self._group_values) > 1:
             self._state["param_groups"] = [{} for _ in self._group_values[1:]]
         for index, values in enumerate(self._group_values):
@@ -675,9 +676,14 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """Put the optimizer back as it was if the block raises (eagerly: while
-        ``mx.compile`` traces, the state holds MLX's placeholders)."""
+        ``mx.compile`` traces, the state holds MLX's placeholders). Inside another
+        transaction (SkipNonFinite's around the step) the outer one's snapshot serves."""
+        if self._in_transaction:
+            yield
+            return
         saved = (copy_tree(self._state), None if self._class_of is None else dict(self._class_of),
                  dict(self._slot_params), self._initialized)
+        self._in_transaction = True
         try:
             yield
         except BaseException:
@@ -685,6 +691,8 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
             self._state.clear()
             self._state.update(state)  # in place: a compiled step holds this dict
             raise
+        finally:
+            self._in_transaction = False
 
     def _step(self, gradients: Any, pairs: list) -> Any:
         """The step itself, on checked ``pairs``, inside ``apply_gradients``' transaction."""

@@ -383,8 +383,7 @@ def _load_base(opt: Any, sd: dict) -> None:
             continue
         new_state[key] = _check_like(saved[key], current[key], f"state[{key!r}]",
                                      cast_floats=key != "step")
-    _check_arrays_hold_values(opt, saved, new_values)
-    new_state = _value_arrays(opt, new_state, new_values)
+    new_state = _value_arrays(opt, saved, new_state, new_values)
     slots = _saved_slots(saved["param_state"], "state['param_state']")
     current_slots = {keys: slot for keys, slot in _slots(current["param_state"])}
     fresh: dict = {}
@@ -459,23 +458,38 @@ def _fresh_slots_kept(opt: Any, current_slots: dict, saved_slots: dict) -> dict:
     return missing
 
 
-def _value_arrays(opt: Any, state: dict, values: list[dict]) -> dict:
+def _value_arrays(opt: Any, saved: dict, state: dict, values: list[dict]) -> dict:
     """``state`` (new dicts) with each number's array made from the checked value, as the
-    constructor makes it: a checkpoint from the GPU holds float32 arrays, which widened to
-    float64 would no longer equal their values. A schedule's array (its last value) stays."""
+    constructor makes it (a checkpoint from the GPU holds float32 arrays, which widened to
+    float64 would no longer equal their values); a schedule's array (its last value) stays.
+
+    Raises ``ValueError`` unless the checkpoint's arrays (what its step read) hold its
+    groups' values (what was checked): a damaged file can differ.
+    """
     state = {**state}
     if "param_groups" in state:
         state["param_groups"] = [dict(g) for g in state["param_groups"]]
     for index, group in enumerate(values):
+        stored = saved if index == 0 else saved["param_groups"][index - 1]
         target = state if index == 0 else state["param_groups"][index - 1]
         for name, value in group.items():
             if opt._is_static(name, value):
                 continue
-            if isinstance(value, tuple):
-                target[name] = [a if is_schedule(v) else _as_array(v, opt._scalar_dtype)
-                                for v, a in zip(value, target[name])]
-            elif not is_schedule(value):
-                target[name] = _as_array(value, opt._scalar_dtype)
+            many = isinstance(value, tuple)
+            given, arrays = (value, stored[name]) if many else ((value,), (stored[name],))
+            made = list(target[name]) if many else [target[name]]
+            for i, (number, array) in enumerate(zip(given, arrays)):
+                if is_schedule(number):
+                    continue
+                # Compared as Python numbers: no array op (float64 has none on the GPU).
+                held, want = array.item(), _as_array(number, array.dtype).item()
+                if held != want and not (math.isnan(held) and math.isnan(want)):
+                    label = f"{name}[{i}]" if many else name
+                    raise ValueError(f"{_group_name(index)}: {label} is {number!r} in the "
+                                     f"checkpoint's groups but {held!r} in its state: "
+                                     "the checkpoint is damaged")
+                made[i] = _as_array(number, opt._scalar_dtype)
+            target[name] = made if many else made[0]
     return state
 
 
@@ -516,27 +530,6 @@ def _loaded_group(opt: Any, where: str, saved: dict, current: dict) -> dict:
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: the checkpoint's hyperparameters are invalid: {error}") from None
     return values
-
-
-def _check_arrays_hold_values(opt: Any, saved: dict, values: list[dict]) -> None:
-    """Raise ``ValueError`` unless the checkpoint's hyperparameter arrays (what the step
-    reads) hold its groups' values (what was checked): a damaged file can differ."""
-    for index, group in enumerate(values):
-        target = saved if index == 0 else saved["param_groups"][index - 1]
-        for name, value in group.items():
-            if opt._is_static(name, value):
-                continue
-            pairs = ([(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, target[name]))]
-                     if isinstance(value, tuple) else [(name, value, target[name])])
-            for label, number, array in pairs:  # a schedule's array is its last value: not checked
-                if is_schedule(number):
-                    continue
-                # Compared as Python numbers: no array op (float64 has none on the GPU).
-                held, want = array.item(), _as_array(number, array.dtype).item()
-                if held != want and not (math.isnan(held) and math.isnan(want)):
-                    raise ValueError(f"{_group_name(index)}: {label} is {number!r} in the "
-                                     f"checkpoint's groups but {held!r} in its state: "
-                                     "the checkpoint is damaged")
 
 
 def _loaded_value(where: str, ours: Any, stored: Any) -> Any:
