@@ -230,15 +230,15 @@ def test_bench_measures_every_implementation_and_writes_json(tmp_path, capsys):
     block = 4 * (width * width + width) + 2 * (4 * width * width) + 4 * width + width + 4 * width
     assert report["parameters"] == 4 * block + 2 * width and report["rounds"] == 1
     ms = report["results"]["SGD"]["ms"]
-    assert set(ms) == {"ours", "ours, constants", "mlx", "mlx, again", "torch foreach",
-                       "torch fused"}
+    assert set(ms) == {"ours", "ours, one stream", "ours, constants", "mlx", "mlx, again",
+                       "torch foreach", "torch fused"}
     assert all(0 < v < 10_000 for v in ms.values())
     row = next(line for line in out.splitlines() if line.startswith("| SGD"))
     cells = [cell.strip() for cell in row.split("|")[1:-1]]
     ratios, quartiles = report["results"]["SGD"]["ratios"], report["results"]["SGD"]["quartiles"]
-    keys = ("ours / mlx", "ours, constants / mlx", "mlx, again / mlx", "ours / torch foreach",
-            "ours / torch fused")
-    assert cells[1] == f"{ms['ours']:.2f}" and cells[2:7] == [
+    keys = ("ours / mlx", "ours, one stream / mlx", "ours, constants / mlx", "mlx, again / mlx",
+            "ours / torch foreach", "ours / torch fused")
+    assert cells[1] == f"{ms['ours']:.2f}" and cells[2:8] == [
         f"{ratios[k]:.2f}x ({quartiles[k][0]:.2f}-{quartiles[k][1]:.2f})" for k in keys]
     # One round: each ratio is that round's own, and so are both quartiles.
     assert ratios["ours / mlx"] == pytest.approx(ms["ours"] / ms["mlx"])

@@ -1,10 +1,10 @@
 """The base class: every concern shared by the optimizers, written once.
 
 Data flows one way: ``apply_gradients`` checks the gradient tree, evaluates schedules,
-then for each parameter negates the gradient (``maximize``), applies L2 or decoupled
-weight decay, advances the parameter's own step counter and calls the optimizer's pure
-``update_fn``. Each optimizer file only declares its hyperparameters, its validation
-rules, its state (``init_state``) and that one function.
+then for each parameter (on the CPU stream ``_streams_for`` gives it) negates the gradient
+(``maximize``), applies L2 or decoupled weight decay, advances the parameter's own step
+counter and calls the optimizer's pure ``update_fn``. Each optimizer file only declares its
+hyperparameters, its validation rules, its state (``init_state``) and that one function.
 
 State layout (all arrays, created eagerly, so ``mx.compile`` traces once and
 ``mx.save_safetensors`` works)::
@@ -36,6 +36,7 @@ import fnmatch
 import functools
 import inspect
 import numbers
+import os
 from collections.abc import MutableMapping
 from typing import Any, Callable, Iterator, Sequence
 
@@ -269,6 +270,7 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         # dotted path -> (shape, dtype) of the parameter its state was made or checked for
         self._slot_params: dict[str, tuple] = {}
         self._in_transaction = False  # see transaction()
+        self._cpu_streams = min(os.cpu_count() or 1, 4)
         if len(self._group_values) > 1:
             self._state["param_groups"] = [{} for _ in self._group_values[1:]]
         for index, values in enumerate(self._group_values):
@@ -719,17 +721,61 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         slots = [self._slot(keys) for keys, _, _ in pairs]
         own_casts = self._traced_classes(slots, paths) if self.casts_in_kernel else set()
         updated, shared_scalars = [], {}
-        for (keys, grad, param), path, slot in zip(pairs, paths, slots):
+        streams = self._streams_for([(grad, param) for _, grad, param in pairs])
+        for (keys, grad, param), path, slot, stream in zip(pairs, paths, slots, streams):
             cls = self._class_of[path]
             token = OWN_KERNEL.set(cls in own_casts)
             slot["step"] = classes[cls]
             index = self._group_of(path, param)
             try:
-                updated.append(self._apply_one(grad, param, slot, index,
-                                               shared_scalars.setdefault(cls, {})))
+                with mx.stream(stream):
+                    updated.append(self._apply_one(grad, param, slot, index,
+                                                   shared_scalars.setdefault(cls, {})))
             finally:
                 OWN_KERNEL.reset(token)
         return _rebuild(gradients, iter(updated))
+
+    @property
+    def cpu_streams(self) -> int:
+        """How many CPU streams a step may spread its parameters' updates over.
+
+        A stream of MLX's CPU backend is one thread running one kernel at a time, so on a
+        multi-core CPU the updates of different tensors can run side by side. A stream
+        costs synchronisation, so one is used per ``ELEMENTS_PER_STREAM`` elements of
+        update at most: small models stay on one stream. The results are the same bit for
+        bit; only where each update runs changes. Default: the number of cores, at most 4
+        (measured on 2 cores, README Speed). 1 keeps every update on the current stream.
+        Only on the CPU (the default device); a compiled step keeps the streams it was
+        traced with.
+        """
+        return self._cpu_streams
+
+    @cpu_streams.setter
+    def cpu_streams(self, count: int) -> None:
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
+            raise ValueError(f"cpu_streams must be a positive integer, got {count!r}")
+        self._cpu_streams = int(count)
+
+    def _streams_for(self, pairs: list) -> list:
+        """The stream of each (gradient, parameter) update: on the CPU, the largest first,
+        each to the stream with the fewest elements so far; row-sparse updates (eager
+        gathers, see ``_apply_rows``) and other devices stay on the current stream."""
+        current = mx.default_stream(mx.default_device())
+        dense = sum(p.size for g, p in pairs if not isinstance(g, RowSparseGrad))
+        count = min(self._cpu_streams, dense // ELEMENTS_PER_STREAM)
+        if count <= 1 or mx.default_device() != mx.cpu:
+            return [current] * len(pairs)
+        streams = [current, *_extra_cpu_streams(count - 1)]
+        load = [0] * count
+        chosen = [current] * len(pairs)
+        order = sorted(range(len(pairs)), key=lambda i: -pairs[i][1].size)
+        for i in order:
+            if isinstance(pairs[i][0], RowSparseGrad):
+                continue
+            k = load.index(min(load))
+            load[k] += pairs[i][1].size
+            chosen[i] = streams[k]
+        return chosen
 
     def _traced_classes(self, slots: list, paths: list[str]) -> set[int]:
         """The step sets of several parameters being traced by ``mx.compile``: there every
@@ -835,6 +881,20 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
 
     def apply_single(self, gradient, parameter, state):  # pragma: no cover - not used
         raise NotImplementedError("mlx_optim optimizers update in apply_gradients()")
+
+
+# A step spreads over another CPU stream only with this many more elements of update: on 2
+# cores a second stream cost 13-39% of a step at 0.2-0.8M elements and saved 8-29% from 1.8M
+# (benchmarks/streams.py, results/streams.md).
+ELEMENTS_PER_STREAM = 1 << 20
+_CPU_STREAMS: list = []  # made once: each stream is a thread, shared by every optimizer
+
+
+def _extra_cpu_streams(count: int) -> list:
+    """``count`` CPU streams besides the default one."""
+    while len(_CPU_STREAMS) < count:
+        _CPU_STREAMS.append(mx.new_stream(mx.cpu))
+    return _CPU_STREAMS[:count]
 
 
 def array_hyperparameters(opt: Optimizer) -> tuple[str, ...]:

@@ -1,16 +1,19 @@
 """``mlx-optim bench``: compiled step time of each optimizer, ours vs mlx.optimizers vs torch.
 
 A transformer-shaped parameter tree (4 blocks of width 256: about 3.2M parameters in 66
-tensors). Each MLX step is compiled with ``mx.compile(step, inputs=state, outputs=state)``;
-torch runs its ``foreach`` and, where it has one, its ``fused`` CPU kernel. Times are
+tensors). Each MLX step is compiled with ``mx.compile(step, inputs=state, outputs=state)``
+and evaluated before the next, as in a training loop (whose next gradient needs the new
+parameters); torch runs its ``foreach`` and, where it has one, its ``fused`` CPU kernel.
+Times are
 medians over interleaved rounds (each round runs every implementation once, in a shuffled
 order); a ratio is the median of the rounds' ratios, so drift on a shared machine hits both
 sides of it alike. torch is optional (the ``test`` extra).
 
-Ours runs twice: as built by default (every hyperparameter an array in the state), and with
-``constants=`` naming every hyperparameter but the learning rate, which is what
-``mlx.optimizers`` does (it holds only the learning rate as an array): the same math with
-the same semantics. ``mlx.optimizers`` runs twice too, as two independent runners timed in
+Ours runs three times: as built by default (every hyperparameter an array in the state, the
+updates spread over ``cpu_streams``); on one stream, as ``mlx.optimizers`` runs (the same
+kernels side by side); and with ``constants=`` naming every hyperparameter but the learning
+rate, which is what ``mlx.optimizers`` does (it holds only the learning rate as an array):
+the same math with the same semantics. ``mlx.optimizers`` runs twice too, as two independent runners timed in
 the same rounds: the ratio of one to the other ("mlx.optimizers / itself") is what this
 run's noise alone makes of two equal implementations.
 """
@@ -101,13 +104,18 @@ FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}  # torch has fused CPU kernels for t
 # The table's ratios: (numerator, denominator) implementations.
 # "mlx, again" is a second mlx.optimizers runner: its ratio to the first is the noise floor,
 # what a ratio of one implementation to itself looks like in this run.
-RATIOS = (("ours", "mlx"), ("ours, constants", "mlx"), ("mlx, again", "mlx"),
-          ("ours", "torch foreach"), ("ours", "torch fused"))
+RATIOS = (("ours", "mlx"), ("ours, one stream", "mlx"), ("ours, constants", "mlx"),
+          ("mlx, again", "mlx"), ("ours", "torch foreach"), ("ours", "torch fused"))
 
 
 def all_but_learning_rate(make_opt) -> tuple[str, ...]:
     """The hyperparameters ``mlx.optimizers`` compiles in: all but the learning rate."""
     return tuple(n for n in array_hyperparameters(make_opt()) if n != "learning_rate")
+
+
+def one_stream(opt):
+    opt.cpu_streams = 1
+    return opt
 
 
 def mlx_runner(make_opt, steps):
@@ -127,7 +135,7 @@ def mlx_runner(make_opt, steps):
     def run():
         for _ in range(steps):
             step(grads)
-        mx.eval(holder["params"], opt.state)
+            mx.eval(holder["params"], opt.state)
 
     run()  # compile and warm up
     return run
@@ -168,6 +176,7 @@ def measure(rounds: int = 7, steps: int = 20, only: list[str] | None = None,
             print(f"measuring {name}...\x1b[K", end="\r", file=sys.stderr, flush=True)
         runners = {"ours": mlx_runner(ours, steps)}
         if theirs:
+            runners["ours, one stream"] = mlx_runner(lambda: one_stream(ours()), steps)
             constants = all_but_learning_rate(ours)
             runners["ours, constants"] = mlx_runner(lambda: ours(constants=constants), steps)
             runners["mlx"] = mlx_runner(theirs, steps)
@@ -207,9 +216,9 @@ def table(results: dict) -> str:
                  for key in (f"{a} / {b}" for a, b in RATIOS)]
         rows.append((name, f"{result['ms']['ours']:.2f}", *cells, result["note"]))
     header = ("optimizer", "ours ms/step", "ours / mlx.optimizers",
-              "ours with constants / mlx.optimizers", "mlx.optimizers / itself",
-              "ours / torch foreach", "ours / torch fused", "note")
-    return format_table(header, rows, right={1, 2, 3, 4, 5, 6})
+              "ours on one stream / mlx.optimizers", "ours with constants / mlx.optimizers",
+              "mlx.optimizers / itself", "ours / torch foreach", "ours / torch fused", "note")
+    return format_table(header, rows, right={1, 2, 3, 4, 5, 6, 7})
 
 
 def ratio_cell(ratio: float, spread: list[float]) -> str:
@@ -241,7 +250,8 @@ def run(args: argparse.Namespace) -> int:
     flat = flat_shapes()
     n_params = sum(math.prod(s) for s in flat)
     print(f"{n_params / 1e6:.2f}M parameters in {len(flat)} tensors, {args.rounds} rounds x "
-          f"{args.steps} compiled steps; medians, and in parentheses the middle half of "
+          f"{args.steps} compiled steps, each evaluated; ours on up to "
+          f"{mlx_optim.SGD().cpu_streams} CPU streams; medians, and in parentheses the middle half of "
           "the rounds' ratios"
           + ("" if torch else "; torch is not installed, so no torch columns") + "\n")
     results = measure(args.rounds, args.steps, args.only, torch)

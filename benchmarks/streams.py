@@ -1,0 +1,101 @@
+"""When spreading a step over CPU streams pays: ours on one stream against ours spread over
+``cpu_streams``, over the bench's transformer-shaped tree at several widths.
+
+    .venv/bin/python benchmarks/streams.py [--widths 64 128 192 256 512] [--rounds 11]
+                                           [--markdown benchmarks/results/streams.md]
+
+Every width is forced to spread (``ELEMENTS_PER_STREAM = 1``), so the table shows what a
+second stream costs where the default keeps one, and what it saves where the default uses
+it (the last column). Each compiled step is evaluated before the next, as in a training
+loop; rounds interleave the two runs, and a ratio is the median of the rounds' ratios (in
+parentheses the middle half of them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+from pathlib import Path
+
+import mlx.core as mx
+
+import mlx_optim
+from mlx_optim import _base
+from mlx_optim.cli import bench, format_table
+
+OPTIMIZERS = {  # SGD does the least work per element, Adam more
+    "SGD": lambda: mlx_optim.SGD(learning_rate=0.01, momentum=0.9),
+    "Adam": lambda: mlx_optim.Adam(learning_rate=1e-3),
+}
+
+
+def streams_of(make_opt, count):
+    def make():
+        opt = make_opt()
+        opt.cpu_streams = count
+        return opt
+
+    return make
+
+
+def streams_by_default(shapes) -> int:
+    """How many streams the default plan gives a step over parameters of these shapes."""
+    pairs = [(mx.zeros(shape),) * 2 for shape in shapes]  # lazy: nothing is allocated
+    return len({str(stream) for stream in mlx_optim.SGD()._streams_for(pairs)})
+
+
+def measure(width: int, name: str, rounds: int) -> tuple[float, float, list[float]]:
+    """(one stream ms/step, spread ms/step, spread/one ratios over rounds) at ``width``."""
+    steps = max(5, round(20 * (256 / width) ** 2))  # about the same time per round
+    spread = mlx_optim.SGD().cpu_streams
+    runners = {1: bench.mlx_runner(streams_of(OPTIMIZERS[name], 1), steps),
+               spread: bench.mlx_runner(streams_of(OPTIMIZERS[name], spread), steps)}
+    samples = {k: [] for k in runners}
+    order = random.Random(0)
+    for _ in range(rounds):
+        keys = list(runners)
+        order.shuffle(keys)
+        for key in keys:
+            samples[key].append(bench.timed(runners[key], steps))
+    ratios = [b / a for a, b in zip(samples[1], samples[spread])]
+    return statistics.median(samples[1]), statistics.median(samples[spread]), ratios
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 192, 256, 512])
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--markdown", type=Path, help="also write the table here")
+    args = parser.parse_args(argv)
+    spread = mlx_optim.SGD().cpu_streams
+    default = _base.ELEMENTS_PER_STREAM
+    rows = []
+    for width in args.widths:
+        for name in OPTIMIZERS:
+            bench.WIDTH = width
+            used = streams_by_default(bench.flat_shapes())
+            _base.ELEMENTS_PER_STREAM = 1  # every width spreads
+            try:
+                one, many, ratios = measure(width, name, args.rounds)
+            finally:
+                _base.ELEMENTS_PER_STREAM = default
+            size = sum(math.prod(s) for s in bench.flat_shapes())
+            q1, q3 = bench.quartiles(ratios)
+            rows.append((f"{width}", f"{size / 1e6:.2f}M", name, f"{one:.2f}", f"{many:.2f}",
+                         f"{statistics.median(ratios):.2f}x ({q1:.2f}-{q3:.2f})",
+                         "spread" if used > 1 else "one stream"))
+    header = ("width", "parameters", "optimizer", "one stream ms/step",
+              f"{spread} streams ms/step", f"{spread} streams / one", "default")
+    text = (f"66 tensors per tree, {args.rounds} rounds; the default spreads over one stream per "
+            f"{default} elements, at most cpu_streams = {spread}\n\n"
+            + format_table(header, rows, right={3, 4, 5}))
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    return text
+
+
+if __name__ == "__main__":
+    main()
