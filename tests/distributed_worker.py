@@ -25,9 +25,11 @@ from mlx_optim.distributed import DataParallel, ShardedOptimizer, clip_grad_norm
 from mlx_optim.grad_utils import grad_norm
 
 START = time.perf_counter()
-# Every step spreads its updates over CPU streams, however small (by default a step this
-# small stays on one): the collectives then meet updates made on several streams.
+# Every step spreads its updates over 2 CPU streams, however small and however many cores
+# (by default a step this small stays on one): the collectives then meet updates made on
+# several streams.
 mlx_optim._base.ELEMENTS_PER_STREAM = 1
+mlx_optim.set_cpu_streams(2)
 BATCH = 16
 RESUME_AT, STEPS = 3, 6
 OPTIMIZERS = {  # name -> (factory, bias): Muon takes 2-D weights only

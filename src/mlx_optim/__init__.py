@@ -2,7 +2,7 @@
 
 from . import schedulers as lr_scheduler
 from . import checkpoint, grad_utils, swa_utils
-from ._base import Optimizer, ParamGroup
+from ._base import Optimizer, ParamGroup, get_cpu_streams, set_cpu_streams
 from .adadelta import Adadelta
 from .adafactor import Adafactor
 from .adagrad import Adagrad
@@ -30,7 +30,7 @@ from .sparse_adam import SparseAdam
 from .swa_utils import SWALR, AveragedModel
 
 __all__ = [
-    "Optimizer", "ParamGroup",
+    "Optimizer", "ParamGroup", "get_cpu_streams", "set_cpu_streams",
     "SGD", "Adam", "AdamW", "Adamax", "RMSprop", "NAdam", "RAdam", "Adagrad", "Adadelta",
     "ASGD", "Rprop", "LBFGS", "minimize", "OptimizeResult",
     "Adafactor", "Muon", "muon_with_adamw", "SparseAdam", "RowSparseGrad", "embedding_value_and_grad",

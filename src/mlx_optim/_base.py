@@ -270,7 +270,6 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         # dotted path -> (shape, dtype) of the parameter its state was made or checked for
         self._slot_params: dict[str, tuple] = {}
         self._in_transaction = False  # see transaction()
-        self._cpu_streams = min(os.cpu_count() or 1, 4)
         if len(self._group_values) > 1:
             self._state["param_groups"] = [{} for _ in self._group_values[1:]]
         for index, values in enumerate(self._group_values):
@@ -735,34 +734,13 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
                 OWN_KERNEL.reset(token)
         return _rebuild(gradients, iter(updated))
 
-    @property
-    def cpu_streams(self) -> int:
-        """How many CPU streams a step may spread its parameters' updates over.
-
-        A stream of MLX's CPU backend is one thread running one kernel at a time, so on a
-        multi-core CPU the updates of different tensors can run side by side. A stream
-        costs synchronisation, so one is used per ``ELEMENTS_PER_STREAM`` elements of
-        update at most: small models stay on one stream. The results are the same bit for
-        bit; only where each update runs changes. Default: the number of cores, at most 4
-        (measured on 2 cores, README Speed). 1 keeps every update on the current stream.
-        Only on the CPU (the default device); a compiled step keeps the streams it was
-        traced with.
-        """
-        return self._cpu_streams
-
-    @cpu_streams.setter
-    def cpu_streams(self, count: int) -> None:
-        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
-            raise ValueError(f"cpu_streams must be a positive integer, got {count!r}")
-        self._cpu_streams = int(count)
-
     def _streams_for(self, pairs: list) -> list:
         """The stream of each (gradient, parameter) update: on the CPU, the largest first,
         each to the stream with the fewest elements so far; row-sparse updates (eager
         gathers, see ``_apply_rows``) and other devices stay on the current stream."""
         current = mx.default_stream(mx.default_device())
         dense = sum(p.size for g, p in pairs if not isinstance(g, RowSparseGrad))
-        count = min(self._cpu_streams, dense // ELEMENTS_PER_STREAM)
+        count = min(_cpu_streams, dense // ELEMENTS_PER_STREAM)
         if count <= 1 or mx.default_device() != mx.cpu:
             return [current] * len(pairs)
         streams = [current, *_extra_cpu_streams(count - 1)]
@@ -883,11 +861,47 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         raise NotImplementedError("mlx_optim optimizers update in apply_gradients()")
 
 
-# A step spreads over another CPU stream only with this many more elements of update: on 2
-# cores a second stream cost 13-39% of a step at 0.2-0.8M elements and saved 8-29% from 1.8M
-# (benchmarks/streams.py, results/streams.md).
+# A step uses one CPU stream per this many elements of update (a second one from 2M): on 2
+# idle cores a second stream cost 10-28% of a step at 0.2-0.8M elements, broke even at 1.8M
+# and saved 3-20% from 3.2M (benchmarks/streams.py, results/streams.md).
 ELEMENTS_PER_STREAM = 1 << 20
 _CPU_STREAMS: list = []  # made once: each stream is a thread, shared by every optimizer
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+_cpu_streams = min(_usable_cpus(), 4)
+
+
+def set_cpu_streams(count: int) -> None:
+    """How many CPU streams a step may spread its parameters' updates over, process-wide
+    (as ``torch.set_num_threads``); ``get_cpu_streams()`` reads it.
+
+    A stream of MLX's CPU backend is one thread running one kernel at a time, so on a
+    multi-core CPU the updates of different tensors can run side by side; each update is
+    unchanged, so the results are the same bit for bit. A stream costs synchronisation, so
+    a step uses one per ``ELEMENTS_PER_STREAM`` (about a million) elements of update at
+    most: small models stay on one. It pays only on otherwise idle cores: with several
+    processes on one machine (ranks of ``mx.distributed`` on one host), give each its share,
+    or 1. Default: the CPUs this process may use, at most 4. 1 keeps every update on the
+    current stream. Only on the CPU (the default device); a compiled step keeps the streams
+    it was traced with. Each extra stream is a thread that lives as long as the process.
+    """
+    global _cpu_streams
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
+        raise ValueError(f"set_cpu_streams: count must be a positive integer, got {count!r}")
+    _cpu_streams = int(count)
+
+
+def get_cpu_streams() -> int:
+    """The count ``set_cpu_streams`` set (by default the usable CPUs, at most 4)."""
+    return _cpu_streams
 
 
 def _extra_cpu_streams(count: int) -> list:

@@ -4,18 +4,18 @@ A transformer-shaped parameter tree (4 blocks of width 256: about 3.2M parameter
 tensors). Each MLX step is compiled with ``mx.compile(step, inputs=state, outputs=state)``
 and evaluated before the next, as in a training loop (whose next gradient needs the new
 parameters); torch runs its ``foreach`` and, where it has one, its ``fused`` CPU kernel.
-Times are
-medians over interleaved rounds (each round runs every implementation once, in a shuffled
-order); a ratio is the median of the rounds' ratios, so drift on a shared machine hits both
-sides of it alike. torch is optional (the ``test`` extra).
+Times are medians over interleaved rounds (each round runs every implementation once, in a
+shuffled order); a ratio is the median of the rounds' ratios, so drift on a shared machine
+hits both sides of it alike. torch is optional (the ``test`` extra).
 
 Ours runs three times: as built by default (every hyperparameter an array in the state, the
-updates spread over ``cpu_streams``); on one stream, as ``mlx.optimizers`` runs (the same
-kernels side by side); and with ``constants=`` naming every hyperparameter but the learning
-rate, which is what ``mlx.optimizers`` does (it holds only the learning rate as an array):
-the same math with the same semantics. ``mlx.optimizers`` runs twice too, as two independent runners timed in
-the same rounds: the ratio of one to the other ("mlx.optimizers / itself") is what this
-run's noise alone makes of two equal implementations.
+updates spread over ``get_cpu_streams()`` streams); on one stream, as ``mlx.optimizers``
+runs (the same kernels side by side); and with ``constants=`` naming every hyperparameter
+but the learning rate, which is what ``mlx.optimizers`` does (it holds only the learning
+rate as an array), spread as by default: the same math with the same semantics.
+``mlx.optimizers`` runs twice too, as two independent runners timed in the same rounds: the
+ratio of one to the other ("mlx.optimizers / itself") is what this run's noise alone makes
+of two equal implementations.
 """
 
 from __future__ import annotations
@@ -113,12 +113,17 @@ def all_but_learning_rate(make_opt) -> tuple[str, ...]:
     return tuple(n for n in array_hyperparameters(make_opt()) if n != "learning_rate")
 
 
-def one_stream(opt):
-    opt.cpu_streams = 1
-    return opt
+def mlx_runner(make_opt, steps, cpu_streams=None):
+    """A compiled step, traced here (so with ``cpu_streams``, when given, for good)."""
+    default = mlx_optim.get_cpu_streams()
+    mlx_optim.set_cpu_streams(cpu_streams or default)
+    try:
+        return _mlx_runner(make_opt, steps)
+    finally:
+        mlx_optim.set_cpu_streams(default)
 
 
-def mlx_runner(make_opt, steps):
+def _mlx_runner(make_opt, steps):
     keys = iter(mx.random.split(mx.random.key(0), 2 * len(flat_shapes())))
     params = _tree(shapes(), lambda s: 0.02 * mx.random.normal(s, key=next(keys)))
     grads = _tree(shapes(), lambda s: 1e-3 * mx.random.normal(s, key=next(keys)))
@@ -176,7 +181,7 @@ def measure(rounds: int = 7, steps: int = 20, only: list[str] | None = None,
             print(f"measuring {name}...\x1b[K", end="\r", file=sys.stderr, flush=True)
         runners = {"ours": mlx_runner(ours, steps)}
         if theirs:
-            runners["ours, one stream"] = mlx_runner(lambda: one_stream(ours()), steps)
+            runners["ours, one stream"] = mlx_runner(ours, steps, cpu_streams=1)
             constants = all_but_learning_rate(ours)
             runners["ours, constants"] = mlx_runner(lambda: ours(constants=constants), steps)
             runners["mlx"] = mlx_runner(theirs, steps)
@@ -251,8 +256,8 @@ def run(args: argparse.Namespace) -> int:
     n_params = sum(math.prod(s) for s in flat)
     print(f"{n_params / 1e6:.2f}M parameters in {len(flat)} tensors, {args.rounds} rounds x "
           f"{args.steps} compiled steps, each evaluated; ours on up to "
-          f"{mlx_optim.SGD().cpu_streams} CPU streams; medians, and in parentheses the middle half of "
-          "the rounds' ratios"
+          f"{mlx_optim.get_cpu_streams()} CPU streams; medians, and in parentheses the middle "
+          "half of the rounds' ratios"
           + ("" if torch else "; torch is not installed, so no torch columns") + "\n")
     results = measure(args.rounds, args.steps, args.only, torch)
     print(table(results))
