@@ -5,11 +5,12 @@ several widths.
     .venv/bin/python benchmarks/streams.py [--widths 64 128 192 256 512] [--rounds 11]
                                            [--markdown benchmarks/results/streams.md]
 
-Every width is forced to spread (``ELEMENTS_PER_STREAM = 1``), so the table shows what a
-second stream costs where the default keeps one, and what it saves where the default uses
-it (the last column). Each compiled step is evaluated before the next, as in a training
-loop; rounds interleave the two runs, and a ratio is the median of the rounds' ratios (in
-parentheses the middle half of them).
+Every width is forced to spread over all of them (``ELEMENTS_PER_STREAM = 1``), so the table
+shows what spreading costs where the default keeps one stream, and what it saves where the
+default spreads (the last column; where the default would use fewer streams than that, as at
+3.2M on 4 cores, the spread run uses more than the default). Each compiled step is evaluated
+before the next, as in a training loop; rounds interleave the two runs, and a ratio is the
+median of the rounds' ratios (in parentheses the middle half of them).
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ def streams_by_default(shapes) -> int:
     return len({str(stream) for stream in mlx_optim.SGD()._streams_for(pairs)})
 
 
-def measure(width: int, name: str, rounds: int) -> tuple[float, float, list[float]]:
-    """(one stream ms/step, spread ms/step, spread/one ratios over rounds) at ``width``."""
-    steps = max(5, round(20 * (256 / width) ** 2))  # about the same time per round
-    spread = spread_count()
+def measure(name: str, spread: int, rounds: int) -> tuple[float, float, list[float]]:
+    """(one stream ms/step, ms/step on ``spread`` streams, spread/one ratios over rounds)
+    at the bench's current width."""
+    steps = max(5, round(20 * (256 / bench.WIDTH) ** 2))  # about the same time per round
     runners = {1: bench.mlx_runner(OPTIMIZERS[name], steps, cpu_streams=1),
                spread: bench.mlx_runner(OPTIMIZERS[name], steps, cpu_streams=spread)}
     samples = {k: [] for k in runners}
@@ -75,7 +76,7 @@ def main(argv=None) -> str:
             used = streams_by_default(bench.flat_shapes())
             _base.ELEMENTS_PER_STREAM = 1  # every width spreads
             try:
-                one, many, ratios = measure(width, name, args.rounds)
+                one, many, ratios = measure(name, spread, args.rounds)
             finally:
                 _base.ELEMENTS_PER_STREAM = default
             size = sum(math.prod(s) for s in bench.flat_shapes())

@@ -1,7 +1,7 @@
 """The base class: every concern shared by the optimizers, written once.
 
 Data flows one way: ``apply_gradients`` checks the gradient tree, evaluates schedules,
-then for each parameter (on the CPU stream ``_streams_for`` gives it) negates the gradient
+then for each parameter (on the stream ``_streams_for`` gives it) negates the gradient
 (``maximize``), applies L2 or decoupled weight decay, advances the parameter's own step
 counter and calls the optimizer's pure ``update_fn``. Each optimizer file only declares its
 hyperparameters, its validation rules, its state (``init_state``) and that one function.
@@ -735,13 +735,17 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         return _rebuild(gradients, iter(updated))
 
     def _streams_for(self, pairs: list) -> list:
-        """The stream of each (gradient, parameter) update: on the CPU, the largest first,
-        each to the stream with the fewest elements so far; row-sparse updates (eager
-        gathers, see ``_apply_rows``) and other devices stay on the current stream."""
+        """The stream of each (gradient, parameter) update. On the CPU, a step with at least
+        two ``ELEMENTS_PER_STREAM`` of dense update uses one stream per that many, at most
+        ``get_cpu_streams()``: the largest update first, each onto the stream with the fewest
+        elements so far. Row-sparse updates (eager gathers, see ``_apply_rows``), smaller
+        steps and other devices stay on the current stream."""
         current = mx.default_stream(mx.default_device())
+        if mx.default_device() != mx.cpu:
+            return [current] * len(pairs)
         dense = sum(p.size for g, p in pairs if not isinstance(g, RowSparseGrad))
         count = min(_cpu_streams, dense // ELEMENTS_PER_STREAM)
-        if count <= 1 or mx.default_device() != mx.cpu:
+        if count <= 1:
             return [current] * len(pairs)
         streams = [current, *_extra_cpu_streams(count - 1)]
         load = [0] * count
@@ -861,9 +865,9 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         raise NotImplementedError("mlx_optim optimizers update in apply_gradients()")
 
 
-# A step uses one CPU stream per this many elements of update (a second one from 2M): on 2
-# idle cores a second stream cost 10-28% of a step at 0.2-0.8M elements, broke even at 1.8M
-# and saved 3-20% from 3.2M (benchmarks/streams.py, results/streams.md).
+# A step uses one CPU stream per this many elements of update (a second one from 2^21,
+# about 2.1M): on 2 idle cores a second stream cost 10-28% of a step at 0.2-0.8M elements,
+# broke even at 1.8M and saved 3-20% from 3.2M (benchmarks/streams.py, results/streams.md).
 ELEMENTS_PER_STREAM = 1 << 20
 _CPU_STREAMS: list = []  # made once: each stream is a thread, shared by every optimizer
 
@@ -880,8 +884,8 @@ _cpu_streams = min(_usable_cpus(), 4)
 
 
 def set_cpu_streams(count: int) -> None:
-    """How many CPU streams a step may spread its parameters' updates over, process-wide
-    (as ``torch.set_num_threads``); ``get_cpu_streams()`` reads it.
+    """Set how many CPU streams a step may spread its parameters' updates over,
+    process-wide (as ``torch.set_num_threads``); ``get_cpu_streams()`` reads it.
 
     A stream of MLX's CPU backend is one thread running one kernel at a time, so on a
     multi-core CPU the updates of different tensors can run side by side; each update is
@@ -890,8 +894,9 @@ def set_cpu_streams(count: int) -> None:
     most: small models stay on one. It pays only on otherwise idle cores: with several
     processes on one machine (ranks of ``mx.distributed`` on one host), give each its share,
     or 1. Default: the CPUs this process may use, at most 4. 1 keeps every update on the
-    current stream. Only on the CPU (the default device); a compiled step keeps the streams
-    it was traced with. Each extra stream is a thread that lives as long as the process.
+    current stream. Only when the default device is the CPU; a step is planned when it is
+    traced, so a compiled step keeps the streams it was traced with. Each extra stream is a
+    thread that lives as long as the process.
     """
     global _cpu_streams
     if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:

@@ -9,10 +9,11 @@ shuffled order); a ratio is the median of the rounds' ratios, so drift on a shar
 hits both sides of it alike. torch is optional (the ``test`` extra).
 
 Ours runs three times: as built by default (every hyperparameter an array in the state, the
-updates spread over ``get_cpu_streams()`` streams); on one stream, as ``mlx.optimizers``
-runs (the same kernels side by side); and with ``constants=`` naming every hyperparameter
-but the learning rate, which is what ``mlx.optimizers`` does (it holds only the learning
-rate as an array), spread as by default: the same math with the same semantics.
+updates spread over up to ``get_cpu_streams()`` streams); on one stream, as
+``mlx.optimizers`` runs (so only the kernels differ); and, spread as by default, with
+``constants=`` naming every hyperparameter but the learning rate, which is what
+``mlx.optimizers`` does (it holds only the learning rate as an array): the same math with
+the same semantics.
 ``mlx.optimizers`` runs twice too, as two independent runners timed in the same rounds: the
 ratio of one to the other ("mlx.optimizers / itself") is what this run's noise alone makes
 of two equal implementations.
@@ -114,7 +115,11 @@ def all_but_learning_rate(make_opt) -> tuple[str, ...]:
 
 
 def mlx_runner(make_opt, steps, cpu_streams=None):
-    """A compiled step, traced here (so with ``cpu_streams``, when given, for good)."""
+    """A function running ``steps`` compiled steps, each evaluated. The step is traced (and
+    warmed up) here, on ``cpu_streams`` CPU streams when given: a compiled step keeps the
+    streams it was traced with, so the process-wide count is restored on return."""
+    if cpu_streams is None:
+        return _mlx_runner(make_opt, steps)
     default = mlx_optim.get_cpu_streams()
     mlx_optim.set_cpu_streams(cpu_streams or default)
     try:
