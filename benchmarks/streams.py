@@ -71,15 +71,15 @@ def main(argv=None) -> str:
     default = _base.ELEMENTS_PER_STREAM
     rows = []
     for width in args.widths:
+        bench.WIDTH = width
+        used = streams_by_default(bench.flat_shapes())
+        size = sum(math.prod(s) for s in bench.flat_shapes())
         for name in OPTIMIZERS:
-            bench.WIDTH = width
-            used = streams_by_default(bench.flat_shapes())
             _base.ELEMENTS_PER_STREAM = 1  # every width spreads
             try:
                 one, many, ratios = measure(name, spread, args.rounds)
             finally:
                 _base.ELEMENTS_PER_STREAM = default
-            size = sum(math.prod(s) for s in bench.flat_shapes())
             q1, q3 = bench.quartiles(ratios)
             rows.append((f"{width}", f"{size / 1e6:.2f}M", name, f"{one:.2f}", f"{many:.2f}",
                          f"{statistics.median(ratios):.2f}x ({q1:.2f}-{q3:.2f})",

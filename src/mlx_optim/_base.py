@@ -743,17 +743,14 @@ class Optimizer(Checkpointable, mlx_optim.Optimizer):
         current = mx.default_stream(mx.default_device())
         if mx.default_device() != mx.cpu:
             return [current] * len(pairs)
-        dense = sum(p.size for g, p in pairs if not isinstance(g, RowSparseGrad))
-        count = min(_cpu_streams, dense // ELEMENTS_PER_STREAM)
+        dense = [i for i, (grad, _) in enumerate(pairs) if not isinstance(grad, RowSparseGrad)]
+        count = min(_cpu_streams, sum(pairs[i][1].size for i in dense) // ELEMENTS_PER_STREAM)
+        chosen = [current] * len(pairs)
         if count <= 1:
-            return [current] * len(pairs)
+            return chosen
         streams = [current, *_extra_cpu_streams(count - 1)]
         load = [0] * count
-        chosen = [current] * len(pairs)
-        order = sorted(range(len(pairs)), key=lambda i: -pairs[i][1].size)
-        for i in order:
-            if isinstance(pairs[i][0], RowSparseGrad):
-                continue
+        for i in sorted(dense, key=lambda i: -pairs[i][1].size):
             k = load.index(min(load))
             load[k] += pairs[i][1].size
             chosen[i] = streams[k]

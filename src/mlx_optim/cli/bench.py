@@ -13,10 +13,9 @@ updates spread over up to ``get_cpu_streams()`` streams); on one stream, as
 ``mlx.optimizers`` runs (so only the kernels differ); and, spread as by default, with
 ``constants=`` naming every hyperparameter but the learning rate, which is what
 ``mlx.optimizers`` does (it holds only the learning rate as an array): the same math with
-the same semantics.
-``mlx.optimizers`` runs twice too, as two independent runners timed in the same rounds: the
-ratio of one to the other ("mlx.optimizers / itself") is what this run's noise alone makes
-of two equal implementations.
+the same semantics. ``mlx.optimizers`` runs twice too, as two independent runners timed in
+the same rounds: the ratio of one to the other ("mlx.optimizers / itself") is what this
+run's noise alone makes of two equal implementations.
 """
 
 from __future__ import annotations
@@ -121,7 +120,7 @@ def mlx_runner(make_opt, steps, cpu_streams=None):
     if cpu_streams is None:
         return _mlx_runner(make_opt, steps)
     default = mlx_optim.get_cpu_streams()
-    mlx_optim.set_cpu_streams(cpu_streams or default)
+    mlx_optim.set_cpu_streams(cpu_streams)
     try:
         return _mlx_runner(make_opt, steps)
     finally:
