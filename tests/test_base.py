@@ -417,6 +417,16 @@ def test_signature_is_torchs(case):
     assert ours.keys() == theirs.keys()
     for name, value in theirs.items():
         assert ours[name] == value, f"{name}: {ours[name]!r} vs torch's {value!r}"
+    # What torch takes by position (up to its first switch we do not port), ours takes at
+    # the same position: a ported call such as NAdam(params, 2e-3, ..., True) keeps working.
+    def positional(fn):
+        return [("learning_rate" if n == "lr" else n)
+                for n, p in inspect.signature(fn).parameters.items()
+                if n not in ("self", "params") and p.kind is p.POSITIONAL_OR_KEYWORD]
+
+    torch_order = positional(case.torch_cls.__init__)
+    ported = next((i for i, n in enumerate(torch_order) if n not in ours), len(torch_order))
+    assert positional(case.ours.__init__) == torch_order[:ported]
 
 
 @pytest.mark.parametrize("weight", [0.001, 0.1, 0.3, 0.5, 0.9, 1.0])

@@ -25,7 +25,7 @@ def test_every_torch_configuration_is_in_the_table(info):
             if any(optim_input.kwargs.get(k) for k in TORCH_ONLY):
                 continue
             assert normalized(optim_input.kwargs) in ours, (
-                f"torch lists {case.name}({optim_input.kwargs}) [{optim_input.desc}]; add it to tests/cases.py")
+                f"torch lists {case.name}({optim_input.kwargs}) [{optim_input.desc}]; add it to src/mlx_optim/parity/cases.py")
 
 
 @pytest.mark.parametrize("info", INFOS, ids=[i.optim_cls.__name__ for i in INFOS])
@@ -38,6 +38,6 @@ def test_every_torch_error_is_in_the_table(info):
             continue  # errors about torch's params argument, or torch-only switches
         if any(text in str(error.error_regex) for text in TORCH_ONLY_ERRORS):
             continue
-        assert normalized(kwargs) in ours, f"torch checks {case.name}({kwargs}); add it to tests/cases.py"
+        assert normalized(kwargs) in ours, f"torch checks {case.name}({kwargs}); add it to src/mlx_optim/parity/cases.py"
         if error.error_type is ValueError and "must be 1-element" not in error.error_regex:
             assert ours[normalized(kwargs)].startswith(error.error_regex.replace("\\", "")[:12])

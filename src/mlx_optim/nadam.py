@@ -66,7 +66,7 @@ class NAdam(Optimizer):
     update_fn = staticmethod(nadam_update)
 
     def __init__(self, learning_rate=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 momentum_decay=4e-3, *, decoupled_weight_decay=False, maximize=False, groups=None,
+                 momentum_decay=4e-3, decoupled_weight_decay=False, *, maximize=False, groups=None,
                  constants=()):
         super().__init__(dict(learning_rate=learning_rate, betas=tuple(betas), eps=eps,
                               weight_decay=weight_decay, momentum_decay=momentum_decay,

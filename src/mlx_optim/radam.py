@@ -70,8 +70,8 @@ class RAdam(Optimizer):
     rules = (v.LEARNING_RATE, v.EPS, *v.BETAS, v.WEIGHT_DECAY)
     update_fn = staticmethod(radam_update)
 
-    def __init__(self, learning_rate=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 decoupled_weight_decay=False, maximize=False, groups=None, constants=()):
+    def __init__(self, learning_rate=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=False, *, maximize=False, groups=None, constants=()):
         super().__init__(dict(learning_rate=learning_rate, betas=tuple(betas), eps=eps,
                               weight_decay=weight_decay,
                               decoupled_weight_decay=decoupled_weight_decay, maximize=maximize),

@@ -69,7 +69,7 @@ class SparseAdam(Optimizer):
     lazy_rows = True
     update_fn = staticmethod(sparse_adam_update)
 
-    def __init__(self, learning_rate=1e-3, betas=(0.9, 0.999), eps=1e-8, *, maximize=False, groups=None,
+    def __init__(self, learning_rate=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False, *, groups=None,
                  constants=()):
         super().__init__(dict(learning_rate=learning_rate, betas=tuple(betas), eps=eps, maximize=maximize),
                          groups, constants)
