@@ -1,7 +1,7 @@
 """``mlx-optim bench``: compiled step time of each optimizer, ours vs mlx.optimizers vs torch.
 
 A transformer-shaped parameter tree (4 blocks of width 256: about 3.2M parameters in 66
-tensors). Each MLX step is compiled with ``mx.compile(step, inputs=state, outputs=state)``
+tensors; ``--width`` scales it, e.g. 64 for 0.2M). Each MLX step is compiled with ``mx.compile(step, inputs=state, outputs=state)``
 and evaluated before the next, as in a training loop (whose next gradient needs the new
 parameters); torch runs its ``foreach`` and, where it has one, its ``fused`` CPU kernel.
 Times are medians over interleaved rounds (each round runs every implementation once, in a
@@ -256,20 +256,25 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(2)
     except ImportError:
         torch = None
-    flat = flat_shapes()
-    n_params = sum(math.prod(s) for s in flat)
-    print(f"{n_params / 1e6:.2f}M parameters in {len(flat)} tensors, {args.rounds} rounds x "
-          f"{args.steps} compiled steps, each evaluated; ours on up to "
-          f"{mlx_optim.get_cpu_streams()} CPU streams; medians, and in parentheses the middle "
-          "half of the rounds' ratios"
-          + ("" if torch else "; torch is not installed, so no torch columns") + "\n")
-    results = measure(args.rounds, args.steps, args.only, torch)
+    global WIDTH
+    default_width, WIDTH = WIDTH, args.width
+    try:
+        flat = flat_shapes()
+        n_params = sum(math.prod(s) for s in flat)
+        print(f"{n_params / 1e6:.2f}M parameters in {len(flat)} tensors, {args.rounds} rounds x "
+              f"{args.steps} compiled steps, each evaluated; ours on up to "
+              f"{mlx_optim.get_cpu_streams()} CPU streams; medians, and in parentheses the middle "
+              "half of the rounds' ratios"
+              + ("" if torch else "; torch is not installed, so no torch columns") + "\n")
+        results = measure(args.rounds, args.steps, args.only, torch)
+    finally:
+        WIDTH = default_width
     print(table(results))
     if args.json:
         try:
-            Path(args.json).write_text(json.dumps({"parameters": n_params, "rounds": args.rounds,
-                                                   "steps": args.steps, "results": results},
-                                                  indent=2) + "\n")
+            Path(args.json).write_text(json.dumps({"parameters": n_params, "width": args.width,
+                                                   "rounds": args.rounds, "steps": args.steps,
+                                                   "results": results}, indent=2) + "\n")
         except OSError as error:
             raise UsageError(f"cannot write --json {args.json}: {error.strerror or error}") from None
     return 0
@@ -278,6 +283,8 @@ def run(args: argparse.Namespace) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=positive_int, default=7, help="interleaved rounds")
     parser.add_argument("--steps", type=positive_int, default=20, help="compiled steps per round")
+    parser.add_argument("--width", type=positive_int, default=WIDTH,
+                        help=f"the tree's width (default {WIDTH}: 3.16M parameters; 64: 0.20M)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="optimizer names to measure")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
 
