@@ -221,18 +221,22 @@ def test_console_script_and_demo_target_point_at_the_cli():
 
 # ----------------------------------------------------------------------------- bench
 
+def tree_size(width: int) -> int:
+    """4 blocks (attention q, k, v, out; MLP up and down; two norms) and a final norm."""
+    block = 4 * (width * width + width) + 2 * (4 * width * width) + 4 * width + width + 4 * width
+    return 4 * block + 2 * width
+
+
 def test_bench_width_scales_the_tree_for_this_run_only(tmp_path, capsys):
     from mlx_optim.cli import bench
 
     status, out, _ = run_cli(["bench", "--only", "Adam", "--rounds", "1", "--steps", "1",
                               "--width", "8", "--json", str(tmp_path / "bench.json")], capsys)
     assert status == 0
-    width = 8
-    block = 4 * (width * width + width) + 2 * (4 * width * width) + 4 * width + width + 4 * width
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert report["parameters"] == 4 * block + 2 * width and report["width"] == width
-    assert out.startswith(f"{(4 * block + 2 * width) / 1e6:.2f}M parameters in 66 tensors")
-    assert bench.WIDTH == 256 and sum(math.prod(s) for s in bench.flat_shapes()) > 3_000_000
+    assert report["parameters"] == tree_size(8) and report["width"] == 8
+    assert out.startswith(f"{tree_size(8) / 1e6:.2f}M parameters in 66 tensors")
+    assert bench.WIDTH == 256 and sum(math.prod(s) for s in bench.flat_shapes()) == tree_size(256)
 
 
 def test_bench_measures_every_implementation_and_writes_json(tmp_path, capsys):
@@ -240,9 +244,7 @@ def test_bench_measures_every_implementation_and_writes_json(tmp_path, capsys):
                               "--json", str(tmp_path / "bench.json")], capsys)
     assert status == 0
     report = json.loads((tmp_path / "bench.json").read_text())
-    width = 256  # 4 blocks: attention q, k, v, out; MLP up and down; two norms; a final norm
-    block = 4 * (width * width + width) + 2 * (4 * width * width) + 4 * width + width + 4 * width
-    assert report["parameters"] == 4 * block + 2 * width and report["rounds"] == 1
+    assert report["parameters"] == tree_size(256) and report["rounds"] == 1
     ms = report["results"]["SGD"]["ms"]
     assert set(ms) == {"ours", "ours, one stream", "ours, constants", "mlx", "mlx, again",
                        "torch foreach", "torch fused"}
