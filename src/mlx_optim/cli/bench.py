@@ -3,10 +3,11 @@
 A transformer-shaped parameter tree (4 blocks of width 256: about 3.2M parameters in 66
 tensors; ``--width`` scales it, e.g. 64 for 0.2M). Each MLX step is compiled with
 ``mx.compile(step, inputs=state, outputs=state)`` and evaluated before the next, as in a
-training loop (whose next gradient needs the new parameters); torch runs its ``foreach`` and, where it has one, its ``fused`` CPU kernel.
-Times are medians over interleaved rounds (each round runs every implementation once, in a
-shuffled order); a ratio is the median of the rounds' ratios, so drift on a shared machine
-hits both sides of it alike. torch is optional (the ``test`` extra).
+training loop (whose next gradient needs the new parameters); torch runs its ``foreach``
+and, where it has one, its ``fused`` CPU kernel. Times are medians over interleaved rounds
+(each round runs every implementation once, in a shuffled order); a ratio is the median of
+the rounds' ratios, so drift on a shared machine hits both sides of it alike. torch is
+optional (the ``test`` extra).
 
 Ours runs three times: as built by default (every hyperparameter an array in the state, the
 updates spread over up to ``get_cpu_streams()`` streams); on one stream, as
